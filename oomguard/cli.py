@@ -1,0 +1,185 @@
+"""The ``oomguard`` command. Parses once into a spec; maps OomguardError to exit codes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import ExitCode, OomguardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="oomguard: carries LLM fine-tuning runs through CUDA OOM, NaN, host OOM and hangs.")
+policy_app = typer.Typer(no_args_is_help=True, help="Validate, show and export policy files.")
+app.add_typer(policy_app, name="policy")
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _fail(exc: OomguardError) -> None:
+    typer.echo(f"oomguard: error: {exc}", err=True)
+    raise typer.Exit(int(exc.exit_code))
+
+
+def _default_run_dir() -> Path:
+    return Path("oomguard-runs") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _existing_command(run_dir: Path) -> list[str]:
+    from .supervisor.journal import load_record
+
+    record = load_record(run_dir)
+    return list(record.command) if record else []
+
+
+def _print_summary(run_dir: Path) -> None:
+    from .report import render_text, summarize
+
+    typer.echo("\n" + render_text(summarize(run_dir)), err=True)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def run(ctx: typer.Context,
+        policy: Optional[str] = typer.Option(None, help="Shipped policy name or a policy file; default: chosen for this GPU."),
+        run_dir: Optional[Path] = typer.Option(None, help="Run directory (new, empty, or an earlier run to continue)."),
+        vram_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB."),
+        inject: Optional[str] = typer.Option(None, help="Faults for the child, e.g. 'cuda_oom@step=5;nan@step=9'."),
+        checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the child writes checkpoint-N (default: its --output_dir)."),
+        dry_run: bool = typer.Option(False, help="Print policy, knobs and the first command line; start nothing."),
+        quiet: bool = typer.Option(False, help="Do not echo the child's output (it is still logged)."),
+        ) -> None:
+    """Run COMMAND (after --) under the supervisor."""
+    from .supervisor import build_spec, build_command, supervise
+    from .supervisor.spec import policy_knobs
+
+    try:
+        rd = run_dir or _default_run_dir()
+        command = list(ctx.args) or _existing_command(rd)
+        spec = build_spec(command, policy_arg=policy, run_dir=rd, checkpoint_dir=checkpoint_dir,
+                          vram_limit=vram_limit, inject=inject, echo=not quiet)
+        if dry_run:
+            built = build_command(spec.command, spec.requested, spec.flags)
+            typer.echo(f"policy: {spec.policy.name} ({getattr(spec.policy, 'source', '')})")
+            typer.echo(f"gpu: {spec.gpu.name if spec.gpu else 'none detected'}")
+            typer.echo(f"policy knobs: {json.dumps(policy_knobs(spec.policy))}")
+            typer.echo(f"starting knobs: {json.dumps(spec.requested)}")
+            typer.echo(f"delivered: {json.dumps(dict(built.delivered))}")
+            typer.echo(f"run dir: {spec.run_dir}   checkpoints: {spec.checkpoint_dir}")
+            typer.echo(f"command: {shlex.join(built.argv)}")
+            return
+        typer.echo(f"[oomguard] run dir: {spec.run_dir} · policy {spec.policy.name}", err=True)
+        code = supervise(spec)
+    except OomguardError as exc:
+        _fail(exc)
+    _print_summary(spec.run_dir)
+    raise typer.Exit(int(code))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
+    """Print the summary of a run (finished, interrupted or dead)."""
+    if not (run_dir / "run.json").exists():
+        typer.echo(f"oomguard: error: {run_dir}: no run.json; pass a run directory", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
+    _print_summary(run_dir)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def train(ctx: typer.Context) -> None:
+    """The built-in QLoRA SFT recipe (flags as in `python -m oomguard.recipes.sft --help`)."""
+    from .recipes.sft import main as sft_main
+
+    raise typer.Exit(sft_main(list(ctx.args)))
+
+
+@app.command()
+def demo(run_dir: Optional[Path] = typer.Option(None, help="Run directory (default: a new one under oomguard-runs/)."),
+         max_steps: int = typer.Option(24, help="Optimizer steps of the demo run."),
+         ) -> None:
+    """The whole story on the embedded tiny model: OOM → rung → resume → NaN → rollback → done."""
+    from .demo import run_demo
+
+    try:
+        code = run_demo(run_dir or _default_run_dir(), max_steps=max_steps)
+    except OomguardError as exc:
+        _fail(exc)
+    raise typer.Exit(int(code))
+
+
+@policy_app.command("validate")
+def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files to check.")) -> None:
+    """Check policy files; every problem is printed as FILE: key.path: problem."""
+    from .errors import PolicyError
+    from .policy import load_policy
+
+    bad = 0
+    for f in files:
+        try:
+            p = load_policy(f)
+            typer.echo(f"{f}: ok ({p.name})")
+        except PolicyError as exc:
+            bad += 1
+            typer.echo(str(exc), err=True)
+    raise typer.Exit(int(ExitCode.USAGE) if bad else 0)
+
+
+@policy_app.command("show")
+def policy_show(gpu: Optional[str] = typer.Option(None, help="A GPU name, e.g. 'NVIDIA L4' (default: this machine's)."),
+                vram: Optional[float] = typer.Option(None, help="Total memory in GiB (with --gpu, or to emulate a card)."),
+                policy: Optional[str] = typer.Option(None, help="Show this policy instead of matching."),
+                ) -> None:
+    """Which policy this machine (or a named card) resolves to, fully expanded."""
+    import yaml
+
+    from .policy import GpuInfo, load_all_shipped, load_policy_arg, select_policy
+    from .supervisor.gpu import detect_gpu
+
+    try:
+        if policy:
+            chosen, info = load_policy_arg(policy), None
+        else:
+            info = GpuInfo(name=gpu or "", total_gib=vram or 0.0, emulated=gpu is None and vram is not None) \
+                if (gpu or vram) else detect_gpu()
+            chosen = select_policy(load_all_shipped(), info)
+    except OomguardError as exc:
+        _fail(exc)
+    typer.echo(f"# gpu: {info.name if info else 'none'} {f'({info.total_gib:g} GiB)' if info and info.total_gib else ''}")
+    typer.echo(f"# policy: {chosen.name} from {getattr(chosen, 'source', '?')}")
+    typer.echo(yaml.safe_dump(json.loads(chosen.model_dump_json(exclude={'source'})), sort_keys=False))
+
+
+@policy_app.command("schema")
+def policy_schema(output: Optional[Path] = typer.Option(None, "-o", help="Write to a file instead of stdout.")) -> None:
+    """JSON Schema of policy files (for editor completion)."""
+    from .policy import policy_json_schema
+
+    text = json.dumps(policy_json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        typer.echo(text)
+
+
+@policy_app.command("list")
+def policy_list() -> None:
+    """The shipped policies."""
+    from .policy import shipped_policy_paths
+
+    for name, path in sorted(shipped_policy_paths().items()):
+        typer.echo(f"{name:<16} {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except OomguardError as exc:  # pragma: no cover - commands map their own
+        typer.echo(f"oomguard: error: {exc}", err=True)
+        sys.exit(int(exc.exit_code))
+
+
+if __name__ == "__main__":
+    main()

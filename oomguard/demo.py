@@ -1,0 +1,37 @@
+"""``oomguard demo``: the built-in recipe on the embedded tiny model, under the supervisor.
+
+On CPU the OOM is injected (a real ``torch.OutOfMemoryError`` raised inside the step);
+on a CUDA machine it is genuine: packed long sequences under a VRAM cap that they exceed,
+so the ``max_seq_length`` rung is what makes the run fit. The NaN is injected everywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import ExitCode
+from .recipes.demo import DEMO_INJECT, demo_command
+from .report import render_text, summarize
+from .supervisor import build_spec, supervise
+from .supervisor.gpu import detect_gpu
+
+# On CUDA: packed 1024-token rows at batch 8 need ~1.1 GiB of allocator memory on the
+# tiny model (fp32 logits over its vocabulary dominate); 512-token rows fit in the cap.
+CUDA_CAP = "640MiB"
+CUDA_EXTRA = ["--packing", "--max_seq_length", "1024", "--per_device_train_batch_size", "8"]
+CUDA_INJECT = "nan@step=15"
+
+
+def run_demo(run_dir: Path, *, max_steps: int = 24, python: str = sys.executable) -> ExitCode:
+    gpu = detect_gpu()
+    command = demo_command(python, max_steps=max_steps, output_dir=str(run_dir / "checkpoints"))
+    if gpu is not None:
+        command += CUDA_EXTRA
+    spec = build_spec(command, policy_arg="demo", run_dir=run_dir,
+                      vram_limit=CUDA_CAP if gpu else None, inject=CUDA_INJECT if gpu else DEMO_INJECT)
+    where = f"{gpu.name}, genuine OOM under a {CUDA_CAP} cap" if gpu else "CPU, OOM injected"
+    print(f"[oomguard] demo on {where}; run dir {run_dir}", file=sys.stderr, flush=True)
+    code = supervise(spec)
+    print("\n" + render_text(summarize(run_dir)), file=sys.stderr, flush=True)
+    return code

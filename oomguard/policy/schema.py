@@ -1,0 +1,199 @@
+"""The shape of a policy file (pydantic v2). Meaning-level checks live in ``checks``.
+
+``Policy.model_validate`` checks the shape only; load policies with
+``oomguard.policy.load_policy`` / ``parse_policy``, which also run every consistency
+check and report all problems of a file at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat,
+                      StrictInt, StrictStr)
+
+from oomguard.protocol import (KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_LORA_ALPHA, KNOB_LORA_R,
+                               KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind)
+from oomguard.policy.records import ResumeClass
+
+KnobValue = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Number = Union[StrictInt, StrictFloat]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RungOp(str, enum.Enum):
+    SCALE = "scale"
+    SET = "set"
+    STEP_DOWN = "step_down"
+    HALVE_BATCH = "halve_batch"
+    QUANTILE_STEP = "quantile_step"
+
+
+class LrRule(str, enum.Enum):
+    """What to do with the learning rate when a rung changes the effective batch."""
+
+    KEEP = "keep"
+    LINEAR = "linear"  # lr * new/old
+    SQRT = "sqrt"  # lr * sqrt(new/old)
+
+
+class _RungBase(_Strict):
+    max_times: Annotated[StrictInt, Field(ge=1, description="how often this rung may be applied")] = 1
+    resume: ResumeClass = Field(description="resume class (DESIGN §5)")
+    note: str = ""
+
+
+class ScaleRung(_RungBase):
+    op: Literal[RungOp.SCALE]
+    knob: str
+    factor: Annotated[StrictFloat, Field(gt=0, lt=1, description="multiplier in (0, 1)")]
+    floor: Number | None = Field(default=None, description="never go below this value")
+    multiple_of: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="round the result down to a multiple of this (ints)")
+
+
+class SetRung(_RungBase):
+    op: Literal[RungOp.SET]
+    knob: str
+    value: KnobValue
+
+
+class StepDownRung(_RungBase):
+    op: Literal[RungOp.STEP_DOWN]
+    knob: str
+    values: Annotated[list[Number], Field(min_length=1, description="move to the next value below the current one")]
+
+
+class HalveBatchRung(_RungBase):
+    op: Literal[RungOp.HALVE_BATCH]
+    knob: Literal["per_device_train_batch_size"] = KNOB_BATCH
+    floor: Annotated[StrictInt, Field(ge=1, description="smallest per-device batch")] = 1
+
+
+class QuantileStepRung(_RungBase):
+    op: Literal[RungOp.QUANTILE_STEP]
+    knob: Literal["max_seq_length"] = KNOB_MAX_SEQ_LENGTH
+    floor: Annotated[StrictInt, Field(ge=16, description="smallest max_seq_length, tokens")] = 16
+    multiple_of: Annotated[StrictInt, Field(ge=1, description="round down to this, tokens")] = 64
+
+
+Rung = Annotated[Union[ScaleRung, SetRung, StepDownRung, HalveBatchRung, QuantileStepRung],
+                 Field(discriminator="op")]
+
+
+class Ladder(_Strict):
+    rungs: list[Rung] = Field(default_factory=list)
+    then: FailureKind | None = Field(default=None, description="when exhausted, continue with that ladder")
+
+
+class Ladders(_Strict):
+    """One ladder per failure kind; only ``cuda_oom`` is required."""
+
+    cuda_oom: Ladder
+    resume_oom: Ladder | None = None
+    eval_oom: Ladder | None = None
+    nan_loss: Ladder | None = None
+    host_oom: Ladder | None = None
+    hang: Ladder | None = None
+    crash: Ladder | None = None
+
+    def get(self, kind: FailureKind) -> Ladder | None:
+        return getattr(self, kind.value)
+
+
+class MemoryRange(_Strict):
+    min: Annotated[Number, Field(ge=0)] = 0  # GiB, as torch reports total memory
+    max: Annotated[Number, Field(gt=0)] | None = None  # GiB; None = no upper bound
+
+
+class Match(_Strict):
+    name: list[str] = Field(default_factory=list, description="regexes, case-insensitive; any may match")
+    memory_gib: MemoryRange | None = None
+    priority: StrictInt = 0
+
+
+class Capabilities(_Strict):
+    bf16: StrictBool = True
+
+
+class Knobs(BaseModel):
+    """The starting recipe. Core knobs are typed; a policy may declare more."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, KnobValue]
+
+    max_seq_length: Annotated[StrictInt, Field(ge=16, description="tokens")]
+    per_device_train_batch_size: Annotated[StrictInt, Field(ge=1)]
+    gradient_accumulation_steps: Annotated[StrictInt, Field(ge=1)]
+    lora_r: Annotated[StrictInt, Field(ge=1)]
+    lora_alpha: Annotated[Number, Field(gt=0)]
+    precision: Precision
+
+
+class Backoff(_Strict):
+    initial_s: Annotated[Number, Field(ge=0)] = 5
+    multiplier: Annotated[Number, Field(ge=1)] = 2
+    max_s: Annotated[Number, Field(ge=0)] = 300
+
+
+class Limits(_Strict):
+    max_attempts: Annotated[StrictInt, Field(ge=1)] = 20
+    no_progress_attempts: Annotated[StrictInt, Field(ge=1)] = 3
+    wall_clock_budget_s: Annotated[Number, Field(gt=0)] | None = None  # None = no budget
+    hang_timeout_s: Annotated[Number, Field(gt=0)] = 600
+    crash_retries: Annotated[StrictInt, Field(ge=0)] = 2
+    resume_oom_retries: Annotated[StrictInt, Field(ge=0)] = 2
+    backoff: Backoff = Field(default_factory=Backoff)
+    gpu_release_timeout_s: Annotated[Number, Field(ge=0)] = 120
+    host_oom_percent: Annotated[Number, Field(gt=0, le=100)] = 90  # % host memory in use
+    nan_skip_steps: Annotated[StrictInt, Field(ge=0)] = 0
+
+
+class FlagStyle(str, enum.Enum):
+    VALUE = "value"  # --name VALUE
+    BOOL = "bool"  # one bare flag per knob value, e.g. precision bf16 -> --bf16
+
+
+class FlagSpec(_Strict):
+    """How one knob appears on the child's command line.
+
+    ``names``: spellings to find and rewrite (the first is used when appending);
+    ``append``: add the flag when the command lacks every spelling; ``values``
+    (bool style): knob value -> bare flag (a value not listed gets no flag).
+    """
+
+    names: list[str] = Field(default_factory=list)
+    append: StrictBool = False
+    style: FlagStyle = FlagStyle.VALUE
+    values: dict[str, str] = Field(default_factory=dict)
+
+
+class Policy(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+    description: str = ""
+    match: Match | None = Field(default=None, description="null: never auto-selected, only by name")
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    knobs: Knobs
+    ladders: Ladders
+    lr_rule: LrRule = LrRule.KEEP
+    limits: Limits = Field(default_factory=Limits)
+    flags: dict[str, FlagSpec] = Field(default_factory=dict)
+    _source: str = PrivateAttr(default="")
+
+    @property
+    def source(self) -> str:
+        """The file this policy was loaded from ("" when built in memory)."""
+        return self._source
+
+    def start_knobs(self) -> dict[str, Any]:
+        """The starting recipe as a plain dict (core knobs first, then declared ones)."""
+        return self.knobs.model_dump()
+
+
+CORE_KNOB_ORDER = (KNOB_MAX_SEQ_LENGTH, KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_LORA_R,
+                   KNOB_LORA_ALPHA, KNOB_PRECISION)

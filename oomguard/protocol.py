@@ -1,0 +1,292 @@
+"""The contract between the supervisor and the child (DESIGN §3). Stdlib only.
+
+Both sides import this module: env var names, run-directory file names, the
+failure vocabulary, the child's error record, and the small JSON helpers
+(atomic write, append-one-line, torn-line-tolerant read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+# --- environment given to the child (contract) --------------------------------
+ENV_RUN_DIR = "OOMGUARD_RUN_DIR"
+ENV_ATTEMPT = "OOMGUARD_ATTEMPT"
+ENV_ERROR_FILE = "OOMGUARD_ERROR_FILE"
+ENV_KNOBS = "OOMGUARD_KNOBS"  # JSON object of knob -> value
+ENV_RESUME_FROM = "OOMGUARD_RESUME_FROM"  # checkpoint dir, or "" for a fresh start
+ENV_VRAM_LIMIT = "OOMGUARD_VRAM_LIMIT"  # e.g. "24GiB"; "" for none
+ENV_INJECT = "OOMGUARD_INJECT"  # e.g. "cuda_oom@step=5;nan@step=9"
+# additions beyond DESIGN §3 (additive, documented in the README)
+ENV_CHECKPOINT_DIR = "OOMGUARD_CHECKPOINT_DIR"  # where the child writes checkpoint-N/
+ENV_SUPERVISOR_PID = "OOMGUARD_SUPERVISOR_PID"  # the child stops if this process dies
+
+# --- run directory (contract) -------------------------------------------------
+RUN_JSON = "run.json"
+EVENTS_JSONL = "events.jsonl"
+POLICY_COPY = "policy.yaml"
+ATTEMPTS_DIR = "attempts"
+HEARTBEAT = "heartbeat"
+LEDGER_DIR = "ledger"
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+KNOBS_JSON = "knobs.json"
+ERROR_JSON = "error.json"
+LOCK_FILE = ".lock"
+
+# --- knob names (contract) ----------------------------------------------------
+KNOB_MAX_SEQ_LENGTH = "max_seq_length"
+KNOB_BATCH = "per_device_train_batch_size"
+KNOB_GRAD_ACCUM = "gradient_accumulation_steps"
+KNOB_LORA_R = "lora_r"
+KNOB_LORA_ALPHA = "lora_alpha"
+KNOB_PRECISION = "precision"
+CORE_KNOBS = (
+    KNOB_MAX_SEQ_LENGTH,
+    KNOB_BATCH,
+    KNOB_GRAD_ACCUM,
+    KNOB_LORA_R,
+    KNOB_LORA_ALPHA,
+    KNOB_PRECISION,
+)
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class FailureKind(str, enum.Enum):
+    CUDA_OOM = "cuda_oom"
+    RESUME_OOM = "resume_oom"
+    EVAL_OOM = "eval_oom"
+    NAN_LOSS = "nan_loss"
+    HOST_OOM = "host_oom"
+    HANG = "hang"
+    CRASH = "crash"
+
+
+class Phase(str, enum.Enum):
+    """Where in the child a failure happened."""
+
+    STARTUP = "startup"  # imports, model load, before the trainer exists
+    CHECKPOINT_LOAD = "checkpoint_load"  # resuming, before the first step
+    FORWARD_BACKWARD = "forward_backward"
+    OPTIMIZER_STEP = "optimizer_step"
+    EVAL = "eval"
+    SAVE = "save"
+    UNKNOWN = "unknown"
+
+
+class RunStatus(str, enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    GAVE_UP = "gave_up"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRecord:
+    """What the child writes to OOMGUARD_ERROR_FILE just before it dies.
+
+    ``step`` is the last *completed* optimizer step (global_step), ``saved_checkpoint``
+    the checkpoint the child wrote on the way down (None when it could not or must not:
+    an OOM inside optimizer.step()), ``last_finite_step`` the newest step whose loss and
+    gradients were finite (for NaN rollback).
+    """
+
+    kind: FailureKind
+    phase: Phase = Phase.UNKNOWN
+    step: int | None = None
+    detail: str = ""
+    rank: int = 0
+    saved_checkpoint: str | None = None
+    last_finite_step: int | None = None
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    traceback: str = ""
+    time: float = dataclasses.field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kind"] = self.kind.value
+        d["phase"] = self.phase.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ErrorRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["kind"] = FailureKind(kw["kind"])
+        kw["phase"] = Phase(kw.get("phase", Phase.UNKNOWN.value))
+        return cls(**kw)
+
+
+def error_file_for_rank(path: str | os.PathLike[str], rank: int) -> Path:
+    """Rank 0 writes the file itself; rank k>0 writes ``error.rank<k>.json`` beside it."""
+    p = Path(path)
+    return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+
+
+def write_error_record(path: str | os.PathLike[str], record: ErrorRecord) -> Path:
+    target = error_file_for_rank(path, record.rank)
+    atomic_write_json(target, record.to_dict())
+    return target
+
+
+def read_error_records(path: str | os.PathLike[str]) -> list[ErrorRecord]:
+    """All ranks' records next to ``path``, earliest first (the root cause leads)."""
+    p = Path(path)
+    found = []
+    for candidate in sorted(p.parent.glob(f"{p.stem}*{p.suffix}")):
+        try:
+            found.append(ErrorRecord.from_dict(json.loads(candidate.read_text())))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a torn or foreign file is not evidence
+    return sorted(found, key=lambda r: r.time)
+
+
+# --- JSON files -----------------------------------------------------------------
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write tmp, fsync, rename: a reader sees the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def append_jsonl(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
+    """Append one line with a single O_APPEND write (no interleaving between writers)."""
+    line = (json.dumps(obj, default=str, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield each parseable object; a torn or garbled line (a kill mid-write) is skipped."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+def emit_event(run_dir: str | os.PathLike[str], event: str, **fields: Any) -> None:
+    """Append an event to ``<run_dir>/events.jsonl`` (used by both sides)."""
+    record = {"time": time.time(), "event": event, **fields}
+    append_jsonl(Path(run_dir) / EVENTS_JSONL, record)
+
+
+def touch(path: str | os.PathLike[str]) -> None:
+    p = Path(path)
+    try:
+        os.utime(p)
+    except FileNotFoundError:
+        p.touch()
+
+
+# --- small parsers shared by both sides -----------------------------------------
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "ki": 2**10,
+               "m": 1000**2, "mb": 1000**2, "mib": 2**20, "mi": 2**20,
+               "g": 1000**3, "gb": 1000**3, "gib": 2**30, "gi": 2**30,
+               "t": 1000**4, "tb": 1000**4, "tib": 2**40, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB' -> bytes. 'G' alone is taken as GiB (as nvidia-smi users mean it)."""
+    m = _SIZE_RE.match(text or "")
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size; write it like 24GiB, 16GB or 15.5GiB")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if unit in ("g", "m", "k", "t"):
+        unit += "ib"
+    value = int(number * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return value
+
+
+INJECTABLE = ("cuda_oom", "nan", "inf", "crash", "hang", "host_oom", "resume_oom", "eval_oom")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """One injected fault: ``kind@step=N[,rank=R][,attempt=A]``; fires once per run."""
+
+    kind: str
+    step: int | None = None
+    rank: int | None = None
+    attempt: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}@step={self.step},rank={self.rank},attempt={self.attempt}"
+
+
+def parse_inject(spec: str) -> list[Fault]:
+    """'cuda_oom@step=5;nan@step=9' -> faults. Raises ValueError naming the bad part."""
+    faults = []
+    for part in filter(None, (p.strip() for p in (spec or "").split(";"))):
+        kind, _, args = part.partition("@")
+        kind = kind.strip()
+        if kind not in INJECTABLE:
+            raise ValueError(f"unknown fault {kind!r} in {part!r}; known: {', '.join(INJECTABLE)}")
+        kw: dict[str, int] = {}
+        for arg in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, val = arg.partition("=")
+            if not eq or key not in ("step", "rank", "attempt") or not val.strip().isdigit():
+                raise ValueError(f"bad fault argument {arg!r} in {part!r}; use step=N, rank=R or attempt=A")
+            kw[key] = int(val)
+        faults.append(Fault(kind=kind, **kw))
+    return faults
+
+
+# One list of the messages that mean "the GPU ran out of memory" (DESIGN §4).
+OOM_PATTERNS = (
+    r"CUDA out of memory",
+    r"torch\.OutOfMemoryError",
+    r"torch\.cuda\.OutOfMemoryError",
+    r"CUDA error: out of memory",
+    r"CUBLAS_STATUS_ALLOC_FAILED",
+    r"CUDNN_STATUS_(?:ALLOC_FAILED|NOT_ENOUGH_WORKSPACE)",
+    r"cudaErrorMemoryAllocation",
+    r"out of memory at line \d+ in file",  # bitsandbytes native: "Error out of memory at line N in file F"
+    r"HIP out of memory",
+    r"NCCL.*(?:out of memory|Cuda failure 'out of memory')",
+)
+_OOM_RE = re.compile("|".join(OOM_PATTERNS), re.IGNORECASE)
+
+
+def find_oom(text: str) -> str | None:
+    """The first line of ``text`` that reports a GPU OOM, or None."""
+    for line in text.splitlines():
+        if _OOM_RE.search(line):
+            return line.strip()
+    return None

@@ -1,0 +1,134 @@
+"""The morning summary: root cause first, then every change made to the requested recipe.
+
+Built from ``run.json`` and ``events.jsonl`` only, so ``oomguard report DIR`` on a finished
+(or dead) run prints the same thing the supervisor printed at its end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ..protocol import EVENTS_JSONL, RUN_JSON, read_jsonl
+
+CORE = ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
+        "lora_alpha", "precision")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    attempt: int
+    kind: str
+    step: int | None
+    phase: str
+    reason: str
+    resumed_from: str | None
+    steps_redone: int | None  # completed steps the resume point is behind the failure
+    seconds_to_next_step: float | None  # failure -> next completed optimizer step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    status: str
+    exit_code: int | None
+    attempts: int
+    wall_s: float
+    root_cause: str | None
+    requested: dict[str, Any]
+    final: dict[str, Any]
+    world_size: int
+    recoveries: tuple[Recovery, ...]
+    final_step: int | None
+    skipped_checkpoints: tuple[str, ...]
+
+
+def effective_batch(knobs: dict[str, Any], world_size: int) -> int | None:
+    b, g = knobs.get("per_device_train_batch_size"), knobs.get("gradient_accumulation_steps", 1)
+    return int(b) * int(g) * world_size if isinstance(b, int) and isinstance(g, int) else None
+
+
+def _step_of(path: str | None) -> int | None:
+    if not path:
+        return None
+    tail = Path(path).name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+def _first_step_after(events: list[dict[str, Any]], t: float) -> float | None:
+    for e in events:
+        if e.get("source") != "supervisor" and e.get("time", 0) > t and isinstance(e.get("step"), int) \
+                and e.get("event") in ("step", "memory", "heartbeat_step"):
+            return e["time"] - t
+    return None
+
+
+def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recovery]:
+    out = []
+    attempts = run.get("attempts", [])
+    for a, nxt in zip(attempts, attempts[1:] + [None]):
+        f, d = a.get("failure"), a.get("decision") or {}
+        if not f or d.get("action") != "retry":
+            continue
+        resumed = nxt.get("resumed_from") if nxt else d.get("resume_from")
+        ck = _step_of(resumed)
+        redone = (f["step"] - ck) if isinstance(f.get("step"), int) and ck is not None else None
+        out.append(Recovery(attempt=a["n"], kind=f["kind"], step=f.get("step"), phase=f.get("phase", "unknown"),
+                            reason=d.get("reason", ""), resumed_from=resumed, steps_redone=redone,
+                            seconds_to_next_step=_first_step_after(events, a.get("ended") or 0)))
+    return out
+
+
+def summarize(run_dir: str | Path) -> RunSummary:
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / RUN_JSON).read_text())
+    events = list(read_jsonl(run_dir / EVENTS_JSONL))
+    steps = [a.get("max_step") for a in run.get("attempts", []) if isinstance(a.get("max_step"), int)]
+    end = run.get("ended") or run.get("updated") or run.get("started", 0)
+    first_failure = next((a["failure"] for a in run.get("attempts", []) if a.get("failure")), None)
+    root = run.get("root_cause") or (
+        f"{first_failure['kind']} at step {first_failure.get('step')}: {first_failure.get('detail', '')}"
+        if first_failure else None)
+    skipped = tuple(sorted({e["path"] for e in events if e.get("event") == "checkpoint_skipped"}))
+    return RunSummary(status=run["status"], exit_code=run.get("exit_code"), attempts=len(run.get("attempts", [])),
+                      wall_s=end - run.get("started", end), root_cause=root, requested=run.get("requested", {}),
+                      final=run.get("config", {}), world_size=run.get("world_size", 1),
+                      recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
+                      skipped_checkpoints=skipped)
+
+
+def _knob_lines(s: RunSummary) -> list[str]:
+    lines = []
+    for k in [*CORE, *sorted((set(s.requested) | set(s.final)) - set(CORE))]:
+        if k not in s.requested and k not in s.final:
+            continue
+        req, fin = s.requested.get(k), s.final.get(k)
+        lines.append(f"  {k:<30} {str(req):>10} → {str(fin):<10}{'' if req == fin else '  (changed)'}")
+    eb_req, eb_fin = effective_batch(s.requested, s.world_size), effective_batch(s.final, s.world_size)
+    if eb_req is not None:
+        note = "kept" if eb_req == eb_fin else "CHANGED"
+        lines.append(f"  {'effective batch':<30} {eb_req:>10} → {eb_fin!s:<10}  ({note}, world size {s.world_size})")
+    return lines
+
+
+def render_text(s: RunSummary) -> str:
+    head = {"succeeded": "finished", "gave_up": "GAVE UP", "failed": "FAILED", "interrupted": "was interrupted",
+            "running": "is still running (or its supervisor died)"}.get(s.status, s.status)
+    lines = [f"oomguard: run {head} after {s.attempts} attempt(s), {len(s.recoveries)} recovery(ies), "
+             f"{s.wall_s:.0f} s; last step {s.final_step if s.final_step is not None else '-'}; "
+             f"exit code {s.exit_code}"]
+    if s.root_cause:
+        lines.append(f"root cause: {s.root_cause}")
+    for r in s.recoveries:
+        cost = []
+        if r.steps_redone is not None:
+            cost.append(f"{r.steps_redone} step(s) redone")
+        if r.seconds_to_next_step is not None:
+            cost.append(f"{r.seconds_to_next_step:.1f} s to the next step")
+        lines.append(f"  recovery after attempt {r.attempt}: {r.reason}" + (f" [cost: {', '.join(cost)}]" if cost else ""))
+    for path in s.skipped_checkpoints:
+        lines.append(f"  skipped incomplete checkpoint (kept on disk): {path}")
+    lines.append("requested → final:")
+    lines += _knob_lines(s)
+    return "\n".join(lines)

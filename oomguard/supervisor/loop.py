@@ -1,0 +1,267 @@
+"""The supervisor loop: launch, watch, classify, decide, resume. One branch per state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExitCode
+from ..policy import (AttemptView, CheckpointInfo, DataProfile, Decision, Failure, GiveUpReason, RungRef,
+                      decide)
+from ..protocol import (ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
+                        ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
+                        KNOBS_JSON, POLICY_COPY, FailureKind, RunStatus, atomic_write_json,
+                        read_error_records)
+from .checkpoints import CheckpointScan, scan_checkpoints
+from .classify import classify
+from .command import build_command
+from .gpu import wait_gpu_released
+from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
+from .process import ChildOutcome, StopFlag, Watch, run_child
+from .progress import ProgressTail
+from .spec import RunSpec
+
+GIVE_UP_EXIT = {GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
+                GiveUpReason.UNRECOVERABLE: ExitCode.CHILD_FAILED}
+
+
+def supervise(spec: RunSpec) -> ExitCode:
+    """Run ``spec`` to the end; the run dir says everything that happened."""
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(spec.run_dir):
+        journal = _open_journal(spec)
+        stop = StopFlag()
+        previous = {s: signal.signal(s, lambda n, _f: stop.set(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return _loop(spec, journal, stop)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _open_journal(spec: RunSpec) -> Journal:
+    record = load_record(spec.run_dir)
+    if record is None:
+        record = RunRecord(status=RunStatus.RUNNING.value, command=list(spec.command), policy=spec.policy.name,
+                           policy_file=str(getattr(spec.policy, "source", "")), requested=dict(spec.requested),
+                           config=dict(spec.requested), checkpoint_dir=str(spec.checkpoint_dir),
+                           world_size=spec.world_size, gpu=dataclasses.asdict(spec.gpu) if spec.gpu else None,
+                           vram_limit=spec.vram_limit, inject=spec.inject)
+        journal = Journal(spec.run_dir, record)
+        _copy_policy(spec)
+        journal.save()
+        journal.event("run_started", command=list(spec.command), policy=spec.policy.name,
+                      knobs=record.requested, world_size=spec.world_size, gpu=record.gpu)
+        return journal
+    journal = Journal(spec.run_dir, record)
+    record.status = RunStatus.RUNNING.value
+    record.ended = record.exit_code = record.give_up = record.root_cause = None
+    journal.save()
+    journal.event("run_continued", after_attempts=len(record.attempts), knobs=record.config)
+    return journal
+
+
+def _copy_policy(spec: RunSpec) -> None:
+    source = getattr(spec.policy, "source", None)
+    if source and Path(source).is_file():
+        shutil.copyfile(source, spec.run_dir / POLICY_COPY)
+
+
+def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
+    record = journal.record
+    rung: RungRef | None = None
+    resume = _resume_point(journal, spec, None) if record.attempts else None
+    while True:
+        attempt = _start_attempt(spec, journal, rung, resume)
+        outcome = run_child(attempt.command, _child_env(spec, journal, attempt), journal.attempt_dir(attempt.n),
+                            _watch(spec, journal), stop, ProgressTail(journal, attempt.n, spec.echo).tick)
+        failure = _finish_attempt(spec, journal, attempt, outcome)
+        if outcome.interrupted_by is not None:
+            return _end(journal, RunStatus.INTERRUPTED, ExitCode.INTERRUPTED,
+                        root_cause=f"interrupted by {signal.Signals(outcome.interrupted_by).name}")
+        if failure is None:
+            return _end(journal, RunStatus.SUCCEEDED, ExitCode.SUCCESS)
+        decision = _decide(spec, journal, failure)
+        if decision.action == "give_up":
+            reason = decision.give_up or GiveUpReason.LADDER_EXHAUSTED
+            status = RunStatus.FAILED if reason == GiveUpReason.UNRECOVERABLE else RunStatus.GAVE_UP
+            return _end(journal, status, GIVE_UP_EXIT.get(reason, ExitCode.GAVE_UP),
+                        give_up=reason.value, root_cause=decision.reason)
+        _between_attempts(spec, journal, outcome, decision, stop)
+        if stop.is_set:
+            return _end(journal, RunStatus.INTERRUPTED, ExitCode.INTERRUPTED,
+                        root_cause=f"interrupted by {signal.Signals(stop.signum).name} between attempts")
+        record.config = dict(decision.knobs)
+        rung, resume = decision.rung, decision.resume_from
+
+
+def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume: str | None) -> AttemptRecord:
+    record = journal.record
+    n = len(record.attempts) + 1
+    built = build_command(record.command, record.config, spec.flags, resume)
+    attempt = AttemptRecord(n=n, started=time.time(), knobs=dict(record.config),
+                            rung={"ladder": rung.ladder.value, "index": rung.index} if rung else None,
+                            resumed_from=resume, command=list(built.argv), delivered=dict(built.delivered))
+    record.attempts.append(attempt)
+    atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
+    journal.save()
+    journal.event("attempt_started", attempt=n, knobs=attempt.knobs, rung=attempt.rung,
+                  resumed_from=resume, command=attempt.command, delivered=attempt.delivered)
+    _say(spec, f"attempt {n}: " + " ".join(f"{k}={v}" for k, v in attempt.knobs.items())
+         + (f" · resuming from {Path(resume).name}" if resume else ""))
+    return attempt
+
+
+def _child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        ENV_RUN_DIR: str(spec.run_dir.absolute()), ENV_ATTEMPT: str(attempt.n),
+        ENV_ERROR_FILE: str((journal.attempt_dir(attempt.n) / ERROR_JSON).absolute()),
+        ENV_KNOBS: json.dumps(attempt.knobs), ENV_RESUME_FROM: attempt.resumed_from or "",
+        ENV_VRAM_LIMIT: spec.vram_limit or "", ENV_INJECT: spec.inject or "",
+        ENV_CHECKPOINT_DIR: str(spec.checkpoint_dir), ENV_SUPERVISOR_PID: str(os.getpid()),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # DESIGN §6
+    return env
+
+
+def _watch(spec: RunSpec, journal: Journal) -> Watch:
+    limits = spec.policy.limits
+    return Watch(heartbeat_dir=spec.run_dir, hang_timeout_s=limits.hang_timeout_s, echo=spec.echo)
+
+
+def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
+                    outcome: ChildOutcome) -> Failure | None:
+    records = read_error_records(journal.attempt_dir(attempt.n) / ERROR_JSON)
+    attempt.max_step = _max_step(spec, journal, attempt, records)
+    failure = None if outcome.interrupted_by is not None else classify(
+        outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
+    attempt.ended, attempt.exit_code, attempt.signal = time.time(), outcome.exit_code, outcome.signal
+    attempt.failure = _failure_dict(failure)
+    journal.save()
+    journal.event("attempt_ended", attempt=attempt.n, exit_code=outcome.exit_code, signal=outcome.signal,
+                  duration_s=round(outcome.duration_s, 2), failure=attempt.failure, max_step=attempt.max_step,
+                  interrupted_by=outcome.interrupted_by, ranks=[r.rank for r in records])
+    if failure is not None:
+        _say(spec, f"attempt {attempt.n} failed: {failure.kind.value} at step {failure.step} "
+             f"({failure.phase.value}): {failure.detail}")
+    return failure
+
+
+def _failure_dict(failure: Failure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    return {"kind": failure.kind.value, "step": failure.step, "phase": failure.phase.value,
+            "detail": failure.detail, "rank": failure.rank}
+
+
+def _max_step(spec: RunSpec, journal: Journal, attempt: AttemptRecord, records: list) -> int | None:
+    steps = [r.step for r in records if r.step is not None]
+    steps += [e["step"] for e in journal.events() if e.get("source") != "supervisor"
+              and e.get("time", 0) >= attempt.started and isinstance(e.get("step"), int)]
+    steps += [c.step for c in scan_checkpoints(spec.checkpoint_dir)
+              if c.complete and _mtime(c.path) >= attempt.started]
+    return max(steps) if steps else None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return (path / "trainer_state.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _usable_checkpoints(spec: RunSpec, journal: Journal) -> list[CheckpointScan]:
+    scans = scan_checkpoints(spec.checkpoint_dir)
+    for bad in (s for s in scans if not s.complete):
+        journal.event("checkpoint_skipped", path=str(bad.path), step=bad.step, problems=list(bad.problems))
+    return [s for s in scans if s.complete]
+
+
+def _resume_point(journal: Journal, spec: RunSpec, _failure: Failure | None) -> str | None:
+    usable = _usable_checkpoints(spec, journal)
+    return str(usable[0].path) if usable else None
+
+
+def _profile(journal: Journal) -> DataProfile | None:
+    found = [e for e in journal.events() if e.get("event") == "data_profile"]
+    if not found:
+        return None
+    e = found[-1]
+    return DataProfile(count=int(e["count"]), quantiles=tuple((float(q), int(v)) for q, v in e["quantiles"]),
+                       max_len=int(e["max_len"]))
+
+
+def _views(record: RunRecord) -> list[AttemptView]:
+    views = []
+    for a in record.attempts:
+        f = a.failure
+        failure = Failure(kind=FailureKind(f["kind"]), step=f.get("step"), phase=_phase(f.get("phase")),
+                          detail=f.get("detail", ""), rank=f.get("rank", 0)) if f else None
+        rung = RungRef(ladder=FailureKind(a.rung["ladder"]), index=a.rung["index"]) if a.rung else None
+        views.append(AttemptView(n=a.n, knobs=a.knobs, rung=rung, failure=failure, max_step=a.max_step))
+    return views
+
+
+def _phase(value: str | None):
+    from ..protocol import Phase
+
+    return Phase(value) if value else Phase.UNKNOWN
+
+
+def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
+    usable = _usable_checkpoints(spec, journal)
+    bf16_ok = None
+    if spec.gpu is not None and spec.gpu.compute_capability:
+        bf16_ok = tuple(spec.gpu.compute_capability) >= (8, 0)
+    decision = decide(spec.policy, _views(journal.record), [CheckpointInfo(str(c.path), c.step) for c in usable],
+                      profile=_profile(journal), elapsed_s=time.time() - journal.record.started,
+                      world_size=spec.world_size, bf16_ok=bf16_ok)
+    journal.record.attempts[-1].decision = _decision_dict(decision)
+    journal.save()
+    journal.event("decision", attempt=len(journal.record.attempts), **_decision_dict(decision))
+    _say(spec, decision.reason)
+    return decision
+
+
+def _decision_dict(d: Decision) -> dict[str, Any]:
+    return {"action": d.action, "reason": d.reason, "knobs": dict(d.knobs),
+            "rung": {"ladder": d.rung.ladder.value, "index": d.rung.index} if d.rung else None,
+            "changes": [{"knob": c.knob, "old": c.old, "new": c.new} for c in d.changes],
+            "resume_from": d.resume_from, "resume_class": d.resume_class.value if d.resume_class else None,
+            "give_up": d.give_up.value if d.give_up else None, "backoff_s": d.backoff_s,
+            "truncation_share": d.truncation_share, "effective_batch": list(d.effective_batch) if d.effective_batch else None,
+            "lr_note": d.lr_note}
+
+
+def _between_attempts(spec: RunSpec, journal: Journal, outcome: ChildOutcome, decision: Decision,
+                      stop: StopFlag) -> None:
+    released, waited = wait_gpu_released(outcome.pids, spec.policy.limits.gpu_release_timeout_s)
+    if waited > 0.5 or not released:
+        journal.event("gpu_release_wait", released=released, waited_s=round(waited, 2))
+    deadline = time.monotonic() + decision.backoff_s
+    while time.monotonic() < deadline and not stop.is_set:
+        time.sleep(0.1)
+
+
+def _end(journal: Journal, status: RunStatus, code: ExitCode, *, give_up: str | None = None,
+         root_cause: str | None = None) -> ExitCode:
+    record = journal.record
+    record.status, record.exit_code, record.ended = status.value, int(code), time.time()
+    record.give_up, record.root_cause = give_up, root_cause
+    journal.save()
+    journal.event("run_ended", status=status.value, exit_code=int(code), give_up=give_up, root_cause=root_cause)
+    return code
+
+
+def _say(spec: RunSpec, text: str) -> None:
+    if spec.echo:
+        print(f"[oomguard] {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,85 @@
+"""Parse and check everything once, before any child starts: the RunSpec."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel
+
+from ..errors import UsageError
+from ..policy import GpuInfo, Policy, load_all_shipped, load_policy_arg, select_policy
+from ..protocol import parse_inject, parse_size
+from .command import FlagSpec, flag_specs, knobs_in_command, output_dir_of, world_size_of
+from .gpu import detect_gpu, emulated_gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    command: tuple[str, ...]
+    policy: Policy
+    run_dir: Path
+    checkpoint_dir: Path
+    requested: dict[str, Any]  # policy's starting knobs overlaid with the command's own flags
+    flags: dict[str, FlagSpec]
+    world_size: int
+    gpu: GpuInfo | None
+    vram_limit: str | None = None
+    inject: str | None = None
+    echo: bool = True
+
+
+def policy_knobs(policy: Policy) -> dict[str, Any]:
+    knobs = policy.knobs
+    return dict(knobs.model_dump(exclude_none=True) if isinstance(knobs, BaseModel) else knobs)
+
+
+def policy_flags(policy: Policy) -> dict[str, Any]:
+    flags = getattr(policy, "flags", None) or {}
+    return {k: (v.model_dump() if isinstance(v, BaseModel) else v) for k, v in dict(flags).items()}
+
+
+def _check_command(command: Sequence[str]) -> tuple[str, ...]:
+    if not command:
+        raise UsageError("no command to run; write it after `--`, e.g. "
+                         "`oomguard run -- python train.py --per_device_train_batch_size 8`")
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"command not found: {command[0]!r} (not on PATH and not an executable "
+                         "file); check the spelling or give a full path")
+    return tuple(command)
+
+
+def _check_options(vram_limit: str | None, inject: str | None) -> None:
+    try:
+        if vram_limit:
+            parse_size(vram_limit)
+        if inject:
+            parse_inject(inject)
+    except ValueError as exc:
+        option = "--vram-limit" if vram_limit and "size" in str(exc) else "--inject"
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def resolve_policy(policy_arg: str | None, vram_limit: str | None) -> tuple[Policy, GpuInfo | None]:
+    gpu = detect_gpu()
+    if vram_limit:
+        gpu = emulated_gpu(gpu, parse_size(vram_limit))
+    if policy_arg:
+        return load_policy_arg(policy_arg), gpu
+    return select_policy(load_all_shipped(), gpu), gpu
+
+
+def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
+               checkpoint_dir: Path | None = None, vram_limit: str | None = None,
+               inject: str | None = None, echo: bool = True) -> RunSpec:
+    _check_options(vram_limit, inject)
+    cmd = _check_command(command)
+    policy, gpu = resolve_policy(policy_arg, vram_limit)
+    specs = flag_specs(policy_flags(policy))
+    requested = {**policy_knobs(policy), **knobs_in_command(cmd, specs)}
+    out = checkpoint_dir or (Path(output_dir_of(cmd)) if output_dir_of(cmd) else run_dir / "checkpoints")
+    return RunSpec(command=cmd, policy=policy, run_dir=run_dir, checkpoint_dir=Path(out).absolute(),
+                   requested=requested, flags=specs, world_size=world_size_of(cmd), gpu=gpu,
+                   vram_limit=vram_limit, inject=inject, echo=echo)

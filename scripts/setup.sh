@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install oomguard with its test extras. Idempotent and quick
+# on the second run (skips pip when pyproject.toml has not changed since the last install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${OOMGUARD_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV with $($PY --version)"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+fi
+stamp="$VENV/.oomguard-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    # torch first, pinned: on CPU machines this takes the local CPU build instead of a
+    # multi-GB CUDA one; a machine that already has a torch keeps it.
+    "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==${OOMGUARD_TORCH:-2.13.0}"
+    "$VENV/bin/pip" install -q -e ".[test]"
+    echo "$want" > "$stamp"
+fi

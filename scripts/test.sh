@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up (first time) and run the test suite: unit + integration on CPU; GPU tests are
+# deselected (run them with scripts/gpu_check.sh on a GPU machine). Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "[test] pytest collected no tests: failing on purpose" >&2
+    exit 1
+fi
+exit "$rc"

@@ -1,0 +1,235 @@
+"""The real supervisor (`python -m oomguard run`) against real child processes.
+
+The child here is the stdlib fake (tests/integration/fake_child.py): supervisor logic
+only. Real training under the supervisor is proven in test_recipe_supervised.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oomguard.protocol import read_jsonl
+
+HERE = Path(__file__).parent
+FAKE = str(HERE / "fake_child.py")
+POLICY = HERE / "policies" / "fast.yaml"
+ROOT = HERE.parents[1]
+
+
+def oomguard(run_dir: Path, *child: str, policy: Path = POLICY, extra: tuple[str, ...] = (),
+             timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir),
+           "--quiet", *extra, "--", sys.executable, FAKE, *child]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def run_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def events(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    parsed = list(read_jsonl(run_dir / "events.jsonl"))
+    assert len(parsed) == len(lines), "every journal line parses"
+    return parsed
+
+
+def policy_variant(tmp_path: Path, **limits) -> Path:
+    data = yaml.safe_load(POLICY.read_text())
+    data["limits"].update(limits)
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_clean_exit_succeeds(tmp_path):
+    r = oomguard(tmp_path / "run", "--max_steps", "4")
+    assert r.returncode == 0, r.stderr
+    run = run_json(tmp_path / "run")
+    assert run["status"] == "succeeded" and len(run["attempts"]) == 1
+    assert run["attempts"][0]["max_step"] == 4
+    assert "run finished" in r.stderr
+    names = [e["event"] for e in events(tmp_path / "run")]
+    assert names[0] == "run_started" and names[-1] == "run_ended"
+
+
+@pytest.mark.parametrize("style", ["stderr", "record", "bnb"])
+def test_oom_carried_to_success_with_effective_batch_kept(tmp_path, style):
+    # OOM while batch*seq > 1024: 8*512 and 4*512 fail, 2*512 fits.
+    r = oomguard(tmp_path / "run", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+                 "--oom_over", "1024", "--oom_style", style, "--max_steps", "6", "--fail_at", "3")
+    assert r.returncode == 0, r.stderr
+    run = run_json(tmp_path / "run")
+    assert run["status"] == "succeeded"
+    assert [a["failure"]["kind"] if a["failure"] else None for a in run["attempts"]] == ["cuda_oom", "cuda_oom", None]
+    final = run["config"]
+    assert (final["per_device_train_batch_size"], final["gradient_accumulation_steps"]) == (2, 8)
+    assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
+    # the knob reached the child through its own flag, and it resumed from checkpoint-2
+    last = run["attempts"][-1]
+    assert last["delivered"]["per_device_train_batch_size"] == "flag"
+    assert "--per_device_train_batch_size" in last["command"]
+    assert last["command"][last["command"].index("--per_device_train_batch_size") + 1] == "2"
+    assert last["resumed_from"].endswith("checkpoint-2")
+    log = (tmp_path / "run" / "attempts" / "003" / "stdout.log").read_text()
+    assert "batch=2 accum=8" in log and "start=2" in log
+
+
+def test_nan_record_rolls_back_and_applies_nan_ladder(tmp_path):
+    r = oomguard(tmp_path / "run", "--mode", "nan", "--fail_at", "4", "--max_steps", "6")
+    assert r.returncode == 0, r.stderr
+    run = run_json(tmp_path / "run")
+    first = run["attempts"][0]
+    assert first["failure"]["kind"] == "nan_loss" and first["failure"]["step"] == 3
+    assert run["attempts"][1]["resumed_from"].endswith("checkpoint-2")  # at or before the NaN
+    assert run["config"]["precision"] == "fp16"
+
+
+def test_sigkill_with_host_memory_high_is_host_oom(tmp_path):
+    r = oomguard(tmp_path / "run", "--mode", "sigkill", "--fail_at", "3", "--max_steps", "5")
+    assert r.returncode == 0, r.stderr
+    run = run_json(tmp_path / "run")
+    assert run["attempts"][0]["failure"]["kind"] == "host_oom"
+    assert run["attempts"][0]["signal"] == signal.SIGKILL
+    assert run["config"]["per_device_train_batch_size"] == 4  # host_oom -> then: cuda_oom
+
+
+def test_sigkill_with_host_memory_low_is_crash(tmp_path):
+    r = oomguard(tmp_path / "run", "--mode", "sigkill", "--fail_at", "3", "--max_steps", "5",
+                 policy=policy_variant(tmp_path, host_oom_percent=100))
+    assert r.returncode == 0, r.stderr
+    failure = run_json(tmp_path / "run")["attempts"][0]["failure"]
+    assert failure["kind"] == "crash" and "SIGKILL" in failure["detail"]
+
+
+def test_hang_is_detected_killed_and_resumed(tmp_path):
+    t0 = time.monotonic()
+    r = oomguard(tmp_path / "run", "--mode", "hang", "--fail_at", "3", "--max_steps", "5")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 40
+    run = run_json(tmp_path / "run")
+    assert run["attempts"][0]["failure"]["kind"] == "hang"
+    assert run["attempts"][1]["resumed_from"].endswith("checkpoint-2")
+
+
+def test_same_crash_twice_gives_up_with_root_cause(tmp_path):
+    r = oomguard(tmp_path / "run", "--mode", "crash", "--fail_at", "3")
+    assert r.returncode == 5, r.stderr  # ExitCode.CHILD_FAILED
+    run = run_json(tmp_path / "run")
+    assert run["status"] == "failed" and run["give_up"] == "unrecoverable"
+    assert "a bug in the script" in run["root_cause"]
+    summary = r.stderr[r.stderr.index("oomguard: run"):]
+    assert summary.splitlines()[1].startswith("root cause:") and "a bug in the script" in summary
+
+
+def test_transient_crash_is_retried(tmp_path):
+    r = oomguard(tmp_path / "run", "--mode", "crash_once", "--fail_at", "3", "--max_steps", "4")
+    assert r.returncode == 0, r.stderr
+    run = run_json(tmp_path / "run")
+    assert [bool(a["failure"]) for a in run["attempts"]] == [True, False]
+    assert run["config"] == run["requested"]
+
+
+def test_ladder_exhausted_gives_up(tmp_path):
+    # never fits: batch floor 1 and seq floor 128 -> 128 > 10
+    r = oomguard(tmp_path / "run", "--oom_over", "10", "--fail_at", "1", "--max_steps", "3")
+    assert r.returncode in (3, 4), r.stderr
+    run = run_json(tmp_path / "run")
+    assert run["status"] == "gave_up" and run["give_up"] in ("ladder_exhausted", "no_progress")
+    assert run["config"]["per_device_train_batch_size"] == 1
+
+
+def test_sigterm_interrupts_and_rerun_resumes(tmp_path):
+    rd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(POLICY), "--run-dir", str(rd), "--quiet", "--",
+           sys.executable, FAKE, "--max_steps", "40", "--step_s", "0.1", "--save_steps", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 30
+    while not list((rd / "checkpoints").glob("checkpoint-4")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    run = run_json(rd)
+    assert run["status"] == "interrupted"
+    done = run["attempts"][0]["max_step"]
+    r = subprocess.run([sys.executable, "-m", "oomguard", "run", "--run-dir", str(rd), "--policy", str(POLICY),
+                        "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    run = run_json(rd)
+    assert run["status"] == "succeeded"
+    resumed = run["attempts"][1]["resumed_from"]
+    assert int(resumed.rpartition("-")[2]) >= done - 2  # at most one save interval re-done
+
+
+def test_corrupt_newest_checkpoint_is_skipped_not_deleted(tmp_path):
+    rd = tmp_path / "run"
+    r = oomguard(rd, "--per_device_train_batch_size", "8", "--oom_over", "2048", "--fail_at", "5", "--max_steps", "6",
+                 "--truncate_newest")
+    assert r.returncode == 0, r.stderr
+    run = run_json(rd)
+    assert run["attempts"][1]["resumed_from"].endswith("checkpoint-2")
+    skipped = [e for e in events(rd) if e["event"] == "checkpoint_skipped"]
+    assert skipped and skipped[0]["path"].endswith("checkpoint-4") and "truncated" in skipped[0]["problems"][0]
+    assert (rd / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").exists()
+
+
+def test_bad_policy_starts_no_child(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load(POLICY.read_text())
+    data["knobs"]["per_device_train_batch_size"] = "eight"
+    data["limitz"] = {}
+    bad.write_text(yaml.safe_dump(data))
+    marker = tmp_path / "started"
+    r = subprocess.run([sys.executable, "-m", "oomguard", "run", "--policy", str(bad), "--run-dir",
+                        str(tmp_path / "run"), "--", "touch", str(marker)], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert str(bad) in r.stderr and "limitz" in r.stderr and "knobs.per_device_train_batch_size" in r.stderr
+    assert not marker.exists() and not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--vram-limit", "lots"], "--vram-limit"),
+    (["--inject", "meteor@step=3"], "--inject"),
+])
+def test_bad_options_exit_2(tmp_path, args, needle):
+    r = subprocess.run([sys.executable, "-m", "oomguard", "run", "--policy", str(POLICY), "--run-dir",
+                        str(tmp_path / "run"), *args, "--", "true"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and needle in r.stderr
+
+
+def test_missing_command_and_foreign_run_dir_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "oomguard", "run", "--policy", str(POLICY), "--run-dir",
+                        str(tmp_path / "run"), "--", "no-such-command-xyz"], capture_output=True, text=True,
+                       cwd=ROOT, env=env)
+    assert r.returncode == 2 and "no-such-command-xyz" in r.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    r = subprocess.run([sys.executable, "-m", "oomguard", "run", "--policy", str(POLICY), "--run-dir",
+                        str(foreign), "--", "true"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 2 and "not an oomguard run dir" in r.stderr
+
+
+def test_dry_run_prints_command_and_starts_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "oomguard", "run", "--policy", str(POLICY), "--run-dir",
+                        str(tmp_path / "run"), "--dry-run", "--", sys.executable, FAKE,
+                        "--per_device_train_batch_size", "3"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "policy: test-fast" in r.stdout and "--per_device_train_batch_size 3" in r.stdout
+    assert not (tmp_path / "run").exists()
