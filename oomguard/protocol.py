@@ -174,8 +174,11 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def append_jsonl(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
     """Append one line with a single O_APPEND write (no interleaving between writers)."""
     line = (json.dumps(obj, default=str, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a writer was killed mid-line: do not glue onto its torn line
         os.write(fd, line)
     finally:
         os.close(fd)

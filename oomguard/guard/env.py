@@ -1,0 +1,96 @@
+"""What the supervisor told this child, read once from the environment (DESIGN §3)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from oomguard import protocol
+from oomguard.protocol import Fault
+
+
+@dataclass(frozen=True)
+class GuardEnv:
+    """The child's view of its attempt. Every field has a harmless default outside oomguard."""
+
+    run_dir: Path | None = None
+    attempt: int = 1
+    error_file: Path | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+    resume_from: str | None = None
+    vram_limit: int | None = None  # bytes
+    faults: tuple[Fault, ...] = ()
+    checkpoint_dir: str | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        """True when run under the supervisor (OOMGUARD_RUN_DIR set)."""
+        return self.run_dir is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "GuardEnv":
+        run_dir = _text(environ, protocol.ENV_RUN_DIR)
+        error_file = _text(environ, protocol.ENV_ERROR_FILE)
+        vram = _text(environ, protocol.ENV_VRAM_LIMIT)
+        try:
+            faults = tuple(protocol.parse_inject(environ.get(protocol.ENV_INJECT, "")))
+        except ValueError as exc:
+            raise ValueError(f"{protocol.ENV_INJECT}: {exc}") from None
+        try:
+            vram_limit = protocol.parse_size(vram) if vram else None
+        except ValueError as exc:
+            raise ValueError(f"{protocol.ENV_VRAM_LIMIT}: {exc}") from None
+        return cls(
+            run_dir=Path(run_dir) if run_dir else None,
+            attempt=_int(environ, protocol.ENV_ATTEMPT, default=1, minimum=1),
+            error_file=Path(error_file) if error_file else None,
+            knobs=_knobs(environ.get(protocol.ENV_KNOBS, "")),
+            resume_from=_text(environ, protocol.ENV_RESUME_FROM),
+            vram_limit=vram_limit,
+            faults=faults,
+            checkpoint_dir=_text(environ, protocol.ENV_CHECKPOINT_DIR),
+            rank=_rank(environ),
+            world_size=_int(environ, "WORLD_SIZE", default=1, minimum=1),
+        )
+
+
+def _text(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def _int(environ: Mapping[str, str], name: str, *, default: int, minimum: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number >= {minimum} or unset it") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} is below {minimum}; set it to a whole number >= {minimum} or unset it")
+    return value
+
+
+def _rank(environ: Mapping[str, str]) -> int:
+    # RANK is the global rank (torchrun, accelerate); LOCAL_RANK alone means one node.
+    name = "RANK" if environ.get("RANK", "").strip() else "LOCAL_RANK"
+    return _int(environ, name, default=0, minimum=0)
+
+
+def _knobs(raw: str) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{protocol.ENV_KNOBS} is not JSON ({exc}): {raw[:200]!r}; "
+                         "pass a JSON object such as '{\"per_device_train_batch_size\": 2}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{protocol.ENV_KNOBS} must be a JSON object, got {type(value).__name__}: {raw[:200]!r}")
+    return value

@@ -1,0 +1,29 @@
+"""PressureCheckpointCallback: save once when memory growth will hit the cap within K steps."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from oomguard.guard.monitor import MemoryMonitorCallback
+
+
+class PressureCheckpointCallback(TrainerCallback):
+    """Reads the growth projection of a MemoryMonitorCallback (placed before it in the list)."""
+
+    def __init__(self, monitor: MemoryMonitorCallback, *, within_steps: int = 3):
+        if within_steps < 1:
+            raise ValueError(f"within_steps={within_steps} must be >= 1 (optimizer steps of warning)")
+        self.monitor = monitor
+        self.within_steps = within_steps
+        self.saved_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        growth = self.monitor.growth
+        if self.saved_at is not None or growth is None or growth.steps_left is None:
+            return
+        if growth.steps_left <= self.within_steps:
+            control.should_save = True
+            self.saved_at = state.global_step
+            self.monitor.journal.emit("pressure_save", step=state.global_step, projected_step=growth.projected_step,
+                                      slope_bytes_per_step=growth.slope, cap=growth.cap)
+        return control

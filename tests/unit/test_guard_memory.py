@@ -1,0 +1,97 @@
+"""Memory math on fabricated torch.cuda.memory_stats() series."""
+
+import math
+import random
+
+import pytest
+
+from oomguard.guard.cache import ClearReason, clear_reason
+from oomguard.guard.memory import (GIB, detect_growth, project_cap_step, rising_share, sample_from_stats,
+                                   theil_sen)
+
+MIB = 2**20
+
+
+def stats(peak: int, *, allocated: int | None = None, reserved: int | None = None, retries: int = 0) -> dict:
+    allocated = peak if allocated is None else allocated
+    return {
+        "allocated_bytes.all.current": allocated, "allocated_bytes.all.peak": peak,
+        "reserved_bytes.all.current": reserved if reserved is not None else allocated + 64 * MIB,
+        "active_bytes.all.current": allocated, "inactive_split_bytes.all.current": 0,
+        "num_alloc_retries": retries, "num_ooms": 0,
+    }
+
+
+def series(peaks):
+    return [sample_from_stats(step, stats(p)) for step, p in enumerate(peaks, start=1)]
+
+
+def test_leak_with_known_slope_is_detected_and_projected():
+    rng = random.Random(1)
+    base, slope, cap = 10 * GIB, 50 * MIB, 16 * GIB
+    # a leak of 50 MiB/step with ±2 MiB jitter
+    peaks = [base + slope * s + rng.randint(-2 * MIB, 2 * MIB) for s in range(1, 31)]
+    growth = detect_growth(series(peaks), cap=cap, window=20)
+    assert growth is not None
+    assert growth.slope == pytest.approx(slope, rel=0.02)
+    expected = math.ceil((cap - base) / slope)  # first step whose clean peak reaches the cap
+    assert abs(growth.projected_step - expected) <= 1
+    assert growth.steps_left == growth.projected_step - 30
+
+
+def test_flat_noisy_series_is_not_growth():
+    rng = random.Random(2)
+    peaks = [12 * GIB + rng.randint(-300 * MIB, 300 * MIB) for _ in range(40)]
+    assert detect_growth(series(peaks), cap=16 * GIB, window=20) is None
+
+
+def test_growth_needs_a_full_window():
+    peaks = [GIB + 100 * MIB * s for s in range(10)]
+    assert detect_growth(series(peaks), cap=None, window=20) is None
+    assert detect_growth(series(peaks), cap=None, window=10) is not None
+
+
+def test_theil_sen_ignores_a_spike():
+    xs = list(range(10))
+    ys = [3.0 * x + 7 for x in xs]
+    ys[5] = 1e9  # one eval-sized spike
+    slope, intercept = theil_sen(xs, ys)
+    assert slope == pytest.approx(3.0)
+    assert intercept == pytest.approx(7.0)
+
+
+def test_rising_share_extremes():
+    assert rising_share([1, 2, 3, 4]) == 1.0
+    assert rising_share([4, 3, 2, 1]) == 0.0
+    assert rising_share([5, 5, 5]) == 0.0
+
+
+def test_projection_without_cap_or_growth_is_none():
+    assert project_cap_step(1.0, 0.0, 5, None) is None
+    assert project_cap_step(0.0, 0.0, 5, 100) is None
+    assert project_cap_step(10.0, 0.0, 5, 100) == 10
+    assert project_cap_step(10.0, 0.0, 50, 100) == 50  # already past the cap: now
+
+
+def test_fragmentation_from_stats():
+    s = sample_from_stats(3, stats(8 * GIB, allocated=6 * GIB, reserved=10 * GIB))
+    assert s.fragmentation == 4 * GIB
+    assert s.fragmentation_ratio == pytest.approx(0.4)
+    assert s.to_fields()["fragmentation"] == 4 * GIB
+
+
+def test_cpu_sample_reports_only_host_rss():
+    s = sample_from_stats(1, {}, host_rss=123)
+    assert s.to_fields() == {"host_rss": 123}
+
+
+@pytest.mark.parametrize("allocated,reserved,retries_before,retries_now,expected", [
+    (6 * GIB, 10 * GIB, 0, 0, ClearReason.FRAGMENTATION),   # 4 GiB slack, 40 %
+    (9 * GIB, 10 * GIB, 0, 0, None),                        # 1 GiB slack, 10 %
+    (100 * MIB, 900 * MIB, 0, 0, None),                     # 89 % but under 1 GiB
+    (9 * GIB, 10 * GIB, 2, 3, ClearReason.ALLOC_RETRIES),
+])
+def test_clear_reason(allocated, reserved, retries_before, retries_now, expected):
+    prev = sample_from_stats(1, stats(allocated, allocated=allocated, reserved=reserved, retries=retries_before))
+    cur = sample_from_stats(2, stats(allocated, allocated=allocated, reserved=reserved, retries=retries_now))
+    assert clear_reason(prev, cur) == expected

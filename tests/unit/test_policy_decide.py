@@ -1,0 +1,221 @@
+"""decide(): one test per failure kind and budget, reading the decision a user will read."""
+
+import pytest
+
+from oomguard.policy import (AttemptView, CheckpointInfo, DataProfile, Failure, GiveUpReason,
+                             ResumeClass, RungRef, decide, load_policy_arg, parse_policy)
+from oomguard.protocol import FailureKind, Phase
+
+K = FailureKind
+CKPTS = (CheckpointInfo("/run/ckpt/checkpoint-20", 20), CheckpointInfo("/run/ckpt/checkpoint-30", 30),
+         CheckpointInfo("/run/ckpt/checkpoint-10", 10))
+
+
+def policy(**over):
+    data = {
+        "name": "test",
+        "knobs": {"max_seq_length": 2048, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+                  "lora_r": 16, "lora_alpha": 32, "precision": "fp16", "learning_rate": 2e-4,
+                  "per_device_eval_batch_size": 8, "dataloader_num_workers": 4},
+        "ladders": {
+            "cuda_oom": {"rungs": [
+                {"knob": "max_seq_length", "op": "quantile_step", "floor": 512, "max_times": 2, "resume": "reindex"},
+                {"op": "halve_batch", "floor": 1, "max_times": 3, "resume": "safe"},
+                {"knob": "lora_r", "op": "step_down", "values": [64, 32, 16, 8, 4], "max_times": 2, "resume": "transform"},
+                {"knob": "precision", "op": "set", "value": "bf16", "resume": "numeric"}]},
+            "eval_oom": {"rungs": [{"knob": "per_device_eval_batch_size", "op": "scale", "factor": 0.5, "floor": 2,
+                                    "max_times": 2, "resume": "safe"}], "then": "cuda_oom"},
+            "host_oom": {"rungs": [{"knob": "dataloader_num_workers", "op": "set", "value": 0, "resume": "safe"}],
+                         "then": "cuda_oom"},
+            "nan_loss": {"rungs": [{"knob": "learning_rate", "op": "scale", "factor": 0.5, "resume": "numeric"}]},
+        },
+        "limits": {"backoff": {"initial_s": 5, "multiplier": 2, "max_s": 300}},
+    }
+    for key, value in over.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key != "ladders" else value
+    return parse_policy(data, "test.yaml")
+
+
+def attempt(n, pol_or_knobs, kind, step=None, rung=None, max_step=None, phase=Phase.UNKNOWN, detail=""):
+    knobs = pol_or_knobs.start_knobs() if hasattr(pol_or_knobs, "start_knobs") else pol_or_knobs
+    return AttemptView(n, knobs, rung, Failure(kind, step, phase, detail), max_step)
+
+
+def run_oom_sequence(pol, kind, n_max=50, **kw):
+    """Feed ``kind`` again and again, applying each decision, until it gives up."""
+    history = [attempt(1, pol, kind, step=5, max_step=5)]
+    for _ in range(n_max):
+        d = decide(pol, history, CKPTS, **kw)
+        if d.action == "give_up":
+            return history, d
+        history.append(attempt(len(history) + 1, d.knobs, kind, step=5, rung=d.rung, max_step=5))
+    raise AssertionError("never gave up")
+
+
+def test_cuda_oom_first_rung_cuts_max_seq_length_and_reports_truncation():
+    prof = DataProfile(100, ((0.0, 100), (0.5, 900), (0.99, 1500), (1.0, 3000)), 3000)
+    d = decide(policy(), [attempt(1, policy(), K.CUDA_OOM, 37, phase=Phase.FORWARD_BACKWARD, max_step=37)],
+               CKPTS, profile=prof)
+    assert d.action == "retry" and d.rung == RungRef(K.CUDA_OOM, 0)
+    # 2048 -> the next profile length below it, p99 = 1500, rounded down to 64
+    assert d.knobs["max_seq_length"] == 1472 and d.resume_class is ResumeClass.REINDEX
+    assert d.resume_from == "/run/ckpt/checkpoint-30"
+    assert 0 < d.truncation_share < 0.05 and f"{d.truncation_share:.1%}" in d.reason
+    assert d.reason.startswith("CUDA OOM at step 37 (forward_backward): max_seq_length 2048 → 1472")
+
+
+def test_halve_batch_reason_reads_as_documented():
+    pol = policy()
+    used = RungRef(K.CUDA_OOM, 0)
+    history = [attempt(1, pol, K.CUDA_OOM, 30), attempt(2, {**pol.start_knobs(), "max_seq_length": 1024}, K.CUDA_OOM, 30, used),
+               attempt(3, {**pol.start_knobs(), "max_seq_length": 512}, K.CUDA_OOM, 37, used,
+                       phase=Phase.FORWARD_BACKWARD, max_step=37)]
+    d = decide(pol, history, CKPTS)
+    assert d.reason == ("CUDA OOM at step 37 (forward_backward): per_device_train_batch_size 8 → 4 with "
+                        "gradient_accumulation_steps 2 → 4 (effective batch 16 kept); resuming from checkpoint-30")
+    assert d.effective_batch == (16, 16) and d.lr_note is None
+    assert [(c.knob, c.old, c.new) for c in d.changes] == [
+        ("per_device_train_batch_size", 8, 4), ("gradient_accumulation_steps", 2, 4)]
+
+
+def test_ladder_runs_in_order_then_gives_up_with_root_cause():
+    history, last = run_oom_sequence(policy(), K.CUDA_OOM, bf16_ok=True)
+    rungs = [a.rung.index for a in history if a.rung]
+    assert rungs == [0, 0, 1, 1, 1, 2, 2, 3]
+    assert last.give_up is GiveUpReason.LADDER_EXHAUSTED
+    assert last.reason.startswith("CUDA OOM at step 5: every rung of the cuda_oom ladder is used up")
+
+
+def test_bf16_rung_skipped_where_unsupported():
+    history, last = run_oom_sequence(policy(), K.CUDA_OOM, bf16_ok=False)
+    assert all(a.knobs["precision"] == "fp16" for a in history)
+    assert "this GPU has no bf16" in last.reason
+
+
+def test_resume_oom_retries_same_knobs_then_degrades():
+    pol = policy(limits={"resume_oom_retries": 2})
+    # attempt 2 ran with the batch halved after attempt 1's OOM, then could not load the checkpoint
+    halved = {**pol.start_knobs(), "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}
+    h = [attempt(1, pol, K.CUDA_OOM, 30, max_step=30)]
+    for n in (2, 3):
+        h.append(attempt(n, halved, K.RESUME_OOM, 30, RungRef(K.CUDA_OOM, 1) if n == 2 else None,
+                         phase=Phase.CHECKPOINT_LOAD))
+        d = decide(pol, h, CKPTS)
+        assert d.changes == () and d.rung is None and d.resume_from == "/run/ckpt/checkpoint-30"
+    h.append(attempt(4, halved, K.RESUME_OOM, 30))
+    d = decide(pol, h, CKPTS)
+    assert d.rung == RungRef(K.CUDA_OOM, 0) and "treated as a CUDA OOM" in d.reason
+
+
+def test_nan_rolls_back_to_checkpoint_not_after_the_bad_step():
+    pol = policy()
+    d = decide(pol, [attempt(1, pol, K.NAN_LOSS, step=25, max_step=25)], CKPTS)
+    assert d.resume_from == "/run/ckpt/checkpoint-20"
+    assert d.knobs["learning_rate"] == pytest.approx(1e-4) and d.resume_class is ResumeClass.NUMERIC
+    unknown = decide(pol, [attempt(1, pol, K.NAN_LOSS, step=None)], CKPTS)
+    assert unknown.resume_from is None and "no checkpoint is known to be clean" in unknown.reason
+
+
+def test_nan_without_rungs_left_retries_as_is():
+    pol = policy()
+    h = [attempt(1, pol, K.NAN_LOSS, 30, max_step=30),
+         attempt(2, {**pol.start_knobs(), "learning_rate": 1e-4}, K.NAN_LOSS, 30, RungRef(K.NAN_LOSS, 0), 30)]
+    d = decide(pol, h, CKPTS)
+    assert d.action == "retry" and d.changes == () and d.resume_from == "/run/ckpt/checkpoint-30"
+    assert "no nan_loss rung left" in d.reason
+
+
+def test_hang_resumes_with_same_knobs():
+    d = decide(policy(), [attempt(1, policy(), K.HANG, 12, max_step=12)], CKPTS)
+    assert d.action == "retry" and d.changes == () and d.resume_from.endswith("checkpoint-30")
+    assert d.reason.startswith("no heartbeat for 600 s (hang) at step 12")
+
+
+def test_crash_backs_off_exponentially_then_gives_up():
+    pol = policy(limits={"crash_retries": 3})
+    h = [attempt(1, pol, K.CRASH, 3, detail="KeyError: 'a'", max_step=3)]
+    assert decide(pol, h, CKPTS).backoff_s == 5
+    h.append(attempt(2, pol, K.CRASH, 4, detail="KeyError: 'b'", max_step=4))
+    assert decide(pol, h, CKPTS).backoff_s == 10
+    h.append(attempt(3, pol, K.CRASH, 6, detail="KeyError: 'c'", max_step=6))
+    assert decide(pol, h, CKPTS).backoff_s == 20
+    h.append(attempt(4, pol, K.CRASH, 8, detail="KeyError: 'd'", max_step=8))
+    d = decide(pol, h, CKPTS)
+    assert d.give_up is GiveUpReason.UNRECOVERABLE and "limits.crash_retries 3" in d.reason
+
+
+def test_same_crash_twice_is_unrecoverable():
+    pol = policy()
+    h = [attempt(1, pol, K.CRASH, 3, detail="ValueError: bad column", max_step=3),
+         attempt(2, pol, K.CRASH, 3, detail="ValueError: bad column", max_step=3)]
+    d = decide(pol, h, CKPTS)
+    assert d.give_up is GiveUpReason.UNRECOVERABLE
+    assert d.reason.startswith("crash at step 3: ValueError: bad column: the same error at the same step twice")
+
+
+def test_eval_oom_uses_its_ladder_then_cuda_oom():
+    pol = policy()
+    h = [attempt(1, pol, K.EVAL_OOM, 40, phase=Phase.EVAL, max_step=40)]
+    kinds = []
+    for n in range(2, 6):
+        d = decide(pol, h, CKPTS)
+        kinds.append((d.rung.ladder, d.changes[0].knob))
+        h.append(attempt(n, d.knobs, K.EVAL_OOM, 40, d.rung, max_step=40))
+    assert kinds == [(K.EVAL_OOM, "per_device_eval_batch_size")] * 2 + [(K.CUDA_OOM, "max_seq_length")] * 2
+
+
+def test_host_oom_drops_workers_first():
+    d = decide(policy(), [attempt(1, policy(), K.HOST_OOM, 9, max_step=9)], CKPTS)
+    assert d.changes[0].knob == "dataloader_num_workers" and d.changes[0].new == 0
+
+
+def test_effective_batch_change_is_stated_and_lr_rule_applied():
+    ladders = {"cuda_oom": {"rungs": [{"knob": "gradient_accumulation_steps", "op": "set", "value": 1, "resume": "safe"}]}}
+    for rule, lr in (("keep", 2e-4), ("linear", 1e-4), ("sqrt", 2e-4 / 2 ** 0.5)):
+        pol = policy(ladders=ladders, lr_rule=rule)
+        d = decide(pol, [attempt(1, pol, K.CUDA_OOM, 5)], CKPTS)
+        assert d.effective_batch == (16, 8) and d.lr_note
+        assert d.knobs["learning_rate"] == pytest.approx(lr)
+        assert "effective batch changes 16 → 8" in d.reason
+
+
+def test_restart_rung_does_not_resume():
+    ladders = {"cuda_oom": {"rungs": [{"knob": "lora_r", "op": "set", "value": 8, "resume": "restart"}]}}
+    d = decide(policy(ladders=ladders), [attempt(1, policy(ladders=ladders), K.CUDA_OOM, 5)], CKPTS)
+    assert d.resume_from is None and "starting from scratch" in d.reason
+
+
+def test_budget_max_attempts_first():
+    pol = policy(limits={"max_attempts": 2})
+    h = [attempt(1, pol, K.CUDA_OOM, 5, max_step=5), attempt(2, pol, K.CUDA_OOM, 9, max_step=9)]
+    d = decide(pol, h, CKPTS)
+    assert d.give_up is GiveUpReason.MAX_ATTEMPTS and d.action == "give_up" and d.knobs == pol.start_knobs()
+
+
+def test_budget_wall_clock():
+    pol = policy(limits={"wall_clock_budget_s": 3600})
+    assert decide(pol, [attempt(1, pol, K.HANG, 5)], CKPTS, elapsed_s=3599).action == "retry"
+    assert decide(pol, [attempt(1, pol, K.HANG, 5)], CKPTS, elapsed_s=3600).give_up is GiveUpReason.WALL_CLOCK
+
+
+def test_no_progress_needs_same_knobs_and_no_new_step():
+    pol = policy(limits={"no_progress_attempts": 3})
+    same = [attempt(1, pol, K.HANG, 50, max_step=50)] + [attempt(n, pol, K.HANG, 50, max_step=50) for n in (2, 3, 4)]
+    assert decide(pol, same, CKPTS).give_up is GiveUpReason.NO_PROGRESS
+    moving = same[:3] + [attempt(4, pol, K.HANG, 51, max_step=51)]
+    assert decide(pol, moving, CKPTS).action == "retry"
+    changed = same[:3] + [attempt(4, {**pol.start_knobs(), "lora_r": 8}, K.HANG, 50, max_step=50)]
+    assert decide(pol, changed, CKPTS).action == "retry"
+
+
+def test_decide_needs_a_failed_last_attempt():
+    with pytest.raises(ValueError, match="last attempt failed"):
+        decide(policy(), [AttemptView(1, policy().start_knobs(), None, None, 10)], CKPTS)
+
+
+@pytest.mark.parametrize("name", ["h100-80gb", "t4-16gb", "demo", "default"])
+def test_shipped_policies_degrade_then_give_up(name):
+    pol = load_policy_arg(name)
+    history, last = run_oom_sequence(pol, K.CUDA_OOM, bf16_ok=False)
+    assert last.give_up in (GiveUpReason.LADDER_EXHAUSTED, GiveUpReason.MAX_ATTEMPTS)
+    assert len(history) > 3
