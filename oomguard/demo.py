@@ -16,10 +16,13 @@ from .report import render_text, summarize
 from .supervisor import build_spec, supervise
 from .supervisor.gpu import detect_gpu
 
-# On CUDA: packed 1024-token rows at batch 8 need ~1.1 GiB of allocator memory on the
-# tiny model (fp32 logits over its vocabulary dominate); 512-token rows fit in the cap.
-CUDA_CAP = "640MiB"
-CUDA_EXTRA = ["--packing", "--max_seq_length", "1024", "--per_device_train_batch_size", "8"]
+# On CUDA (measured on an H100, docs/BENCHMARKS.md): packed 2048-token rows at batch 16 peak at
+# 3.46 GiB allocated on the tiny model (fp32 logits over its vocabulary dominate; memory grows
+# with the tokens in a batch), packed 256-token rows at 0.34 GiB. A 2.6 GiB card (about 0.5 GiB
+# of CUDA context outside the allocator cap, 2.1 GiB for tensors) fails at 2048 and fits once
+# the max_seq_length rung has cut the rows to about half.
+CUDA_CAP = "2.6GiB"
+CUDA_EXTRA = ["--packing", "--max_seq_length", "2048", "--per_device_train_batch_size", "16"]
 CUDA_INJECT = "nan@step=15"
 
 

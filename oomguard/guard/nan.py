@@ -81,6 +81,13 @@ class NanGuardCallback(TrainerCallback):
             return
         params = list(model.parameters())
         loss, self.last_loss = self.last_loss, None
+        if getattr(args, "fp16", False) and (loss is None or all_finite([], loss)):
+            # fp16 AMP: inf in the *scaled* gradients with a finite loss is the GradScaler's
+            # normal overflow probe; it skips that update and lowers the scale by itself.
+            # A real divergence shows as a non-finite loss.
+            if loss is not None:
+                self.last_finite_step = state.global_step + 1
+            return
         if all_finite(trainable_grads(params), loss):
             self.last_finite_step = state.global_step + 1  # the step about to be applied
             return

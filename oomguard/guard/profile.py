@@ -44,6 +44,11 @@ def dataset_lengths(dataset: Any, limit: int = MAX_ROWS) -> tuple[list[int], int
         if "input_ids" not in dataset.column_names:
             return None
         rows = dataset.select(idx) if len(idx) < n else dataset
+        if "seq_lengths" in dataset.column_names:
+            # packed (TRL): a row holds several samples; a max_seq_length cut acts on the samples,
+            # so profile those (each already cut to the current max_length by TRL)
+            lengths = [int(x) for row in rows["seq_lengths"] for x in row]
+            return lengths, round(len(lengths) * n / max(1, len(rows)))
         return [len(x) for x in rows["input_ids"]], n
     lengths = []
     for i in idx:

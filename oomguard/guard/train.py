@@ -23,7 +23,9 @@ from oomguard.guard.nan import NanGuardCallback
 from oomguard.guard.phase import PhaseTrackerCallback
 from oomguard.guard.pressure import PressureCheckpointCallback
 from oomguard.guard.profile import DataProfileCallback
+from oomguard.guard.shutdown import ShutdownCallback
 from oomguard.guard.recorder import Failure, build_record, free_cuda_memory, write_record
+from oomguard.guard.resume import prepare_resume
 from oomguard.protocol import Phase
 
 GUARD_TYPES = (PhaseTrackerCallback, FaultInjectionCallback, HeartbeatCallback, DataProfileCallback,
@@ -42,6 +44,7 @@ def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int = 0) -> list[TrainerCa
         PressureCheckpointCallback(monitor),
         CacheClearerCallback(env.run_dir, rank=env.rank),
         NanGuardCallback(env.run_dir, rank=env.rank, skip_steps=nan_skip_steps),
+        ShutdownCallback(env.run_dir, rank=env.rank),  # last: its on_train_end exits after the save
     ]
 
 
@@ -83,25 +86,31 @@ def _observed(nan_guard: NanGuardCallback, loss):
     return loss
 
 
-def _run(trainer, tracker: PhaseTrackerCallback, resume: str | None) -> TrainOutput | Failure:
+def _run(trainer, tracker: PhaseTrackerCallback, resume: str | None, env: GuardEnv,
+         train_fn=None) -> TrainOutput | Failure:
     try:
-        return trainer.train(resume_from_checkpoint=resume)
+        # issue 5: convert the checkpoint for changed knobs (rank cut, scaler, CPU-first load)
+        resume = prepare_resume(trainer, resume, env)
+        return (train_fn or trainer.train)(resume_from_checkpoint=resume)
     except Exception as exc:  # KeyboardInterrupt/SystemExit pass: a supervisor kill is not a crash
         failure = Failure.capture(exc, tracker.phase)
     # Out of the except block: the exception, its traceback and the failed step's tensors are gone.
     return failure
 
 
-def guarded_train(trainer, *, env: GuardEnv, resume_from_checkpoint: str | None = None) -> TrainOutput:
+def guarded_train(trainer, *, env: GuardEnv, resume_from_checkpoint: str | None = None,
+                  train_fn=None) -> TrainOutput:
     """``trainer.train`` under the guard. ``resume_from_checkpoint`` None means ``env.resume_from``.
 
     On failure: free memory, emergency-save after a forward/backward or eval OOM (rank 0),
     write the error record, print the traceback to stderr and ``sys.exit(1)``.
+    ``train_fn(resume_from_checkpoint=...)`` replaces ``trainer.train`` (the bootstrap passes the
+    unpatched method, so a user's own ``trainer.train()`` call runs under the same guard).
     """
     tracker = _install(trainer, env)
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else env.resume_from
     tracker.phase = Phase.CHECKPOINT_LOAD if resume else Phase.STARTUP
-    outcome = _run(trainer, tracker, resume)
+    outcome = _run(trainer, tracker, resume, env, train_fn)
     if isinstance(outcome, Failure):
         _die(trainer, env, tracker, outcome)
     return outcome

@@ -119,12 +119,29 @@ def _on_resume_oom(ctx: _Context) -> Decision:
     return _retry(ctx, None, _newest(ctx.checkpoints), note=note)
 
 
+def _nan_streak(attempts: Sequence[AttemptView]) -> int:
+    """How many attempts in a row, ending with the last, failed with a non-finite loss."""
+    streak = 0
+    for a in reversed(attempts):
+        if not (a.failure and a.failure.kind is FailureKind.NAN_LOSS):
+            break
+        streak += 1
+    return streak
+
+
 def _on_nan(ctx: _Context) -> Decision:
     step = ctx.failure.step
-    clean = [c for c in ctx.checkpoints if step is not None and c.step <= step]
-    ckpt = _newest(clean)
-    why = ("the newest checkpoint at or before the last finite step" if step is not None
-           else "the failing step is unknown, so no checkpoint is known to be clean")
+    clean = sorted((c for c in ctx.checkpoints if step is not None and c.step <= step),
+                   key=lambda c: c.step, reverse=True)
+    # A loss can stay finite for a few steps after the weights were already ruined (a huge
+    # update, then overflow later): when NaN comes back right after a rollback, go back
+    # further each time (1st, 2nd, 4th, 8th newest clean checkpoint, then from scratch).
+    back = 2 ** (_nan_streak(ctx.attempts) - 1) - 1
+    ckpt = clean[back] if back < len(clean) else None
+    why = ("the failing step is unknown, so no checkpoint is known to be clean" if step is None
+           else "the newest checkpoint at or before the last finite step" if back == 0
+           else f"NaN again right after a rollback, so {back} checkpoint(s) further back"
+           + ("" if ckpt else ": none left, starting from scratch"))
     pick = _pick_rung(ctx, ladder_chain(ctx.policy, FailureKind.NAN_LOSS))
     if pick is None:
         return _retry(ctx, None, ckpt, note=f"no nan_loss rung left, retrying with the same knobs "

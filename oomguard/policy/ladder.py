@@ -96,7 +96,8 @@ def _quantile_step(rung: QuantileStepRung, current: int, profile: DataProfile | 
     """Next profile length below ``current``, rounded down; half of it without a profile.
 
     Lengths at or above the longest sample save nothing (batches are padded to the
-    longest sample, not to max_seq_length), so the step starts below ``max_len``.
+    longest sample, not to max_seq_length), so the step starts below ``max_len``. One step
+    never goes below ``min_factor`` × the current length (rounded down to ``multiple_of``).
     """
     m = rung.multiple_of
     if profile is None:
@@ -106,6 +107,7 @@ def _quantile_step(rung: QuantileStepRung, current: int, profile: DataProfile | 
         lengths = {length // m * m for _, length in profile.quantiles}
         below = [v for v in lengths if 0 < v < cap]
         value = max(below) if below else rung.floor
+        value = max(value, int(cap * rung.min_factor) // m * m)
     value = max(value, rung.floor)
     return value if value < current else None
 

@@ -80,6 +80,9 @@ class QuantileStepRung(_RungBase):
     knob: Literal["max_seq_length"] = KNOB_MAX_SEQ_LENGTH
     floor: Annotated[StrictInt, Field(ge=16, description="smallest max_seq_length, tokens")] = 16
     multiple_of: Annotated[StrictInt, Field(ge=1, description="round down to this, tokens")] = 64
+    min_factor: Annotated[StrictFloat, Field(gt=0, lt=1, description=(
+        "one step never cuts below this share of the current length, however far below the next "
+        "quantile lies (a long-tailed set would otherwise lose most of its tokens at once)"))] = 0.5
 
 
 Rung = Annotated[Union[ScaleRung, SetRung, StepDownRung, HalveBatchRung, QuantileStepRung],

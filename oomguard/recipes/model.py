@@ -135,6 +135,19 @@ def attach_lora(model, options: RecipeOptions):
         return get_peft_model(model, lora_config(options))
 
 
+def trainable_to_fp32(model) -> int:
+    """Keep the adapter (every trainable tensor) in fp32, as QLoRA does: fp16 AMP's GradScaler
+    cannot unscale bf16/fp16 gradients, and low-precision master weights lose small updates.
+    Seen on the GPU image (transformers 5.17, peft 0.21.0): LoRA weights came out bf16 under
+    precision fp16 and the first optimizer step crashed. Returns how many tensors were cast."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+            cast += 1
+    return cast
+
+
 def count_4bit_layers(model) -> int:
     """How many bitsandbytes ``Linear4bit`` layers the model holds (0 = not quantized)."""
     import bitsandbytes as bnb

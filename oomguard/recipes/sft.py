@@ -85,6 +85,9 @@ def build_trainer(options: RecipeOptions, *, guard=None, guard_env=None):
 
     dataset = load_sft_dataset(options.dataset or default.default_dataset_path())  # bad data fails before loading
     device = qlora.pick_device(options)
+    from transformers import set_seed
+
+    set_seed(options.seed)  # issue 5: the LoRA init draws from the global RNG; seeded, two runs compare
     model_path = _model_path(options)
     tokenizer = qlora.load_tokenizer(model_path)
     model = qlora.attach_lora(qlora.load_base_model(model_path, options, device, tokenizer), options)
@@ -96,6 +99,7 @@ def build_trainer(options: RecipeOptions, *, guard=None, guard_env=None):
         processing_class=tokenizer,
         callbacks=guard.guard_callbacks(guard_env) if guard is not None else None,
     )
+    qlora.trainable_to_fp32(trainer.model)  # after the trainer: it may have re-cast the model
     return trainer, _resume_target(options)
 
 

@@ -1,8 +1,13 @@
-"""Find the checkpoints a run can resume from, newest complete first. Reads, never deletes.
+"""Find the checkpoints a run can resume from, newest complete first. Never deletes.
 
 HF writes a checkpoint file by file, ``trainer_state.json`` last, nothing atomic, and
 ``get_last_checkpoint`` validates nothing (DESIGN §7): a kill mid-save leaves a directory
-that looks like a checkpoint. We check it before trusting it.
+that looks like a checkpoint. We check it before trusting it: the expected files present,
+``trainer_state.json`` parses and names the same step, safetensors headers read and the
+file is as long as they say, torch's zip files (``optimizer.pt`` …) end in a central directory.
+
+Checkpoints written after a NaN are quarantined: moved to ``<checkpoints>/quarantine/``
+(out of reach of a resume and of HF's ``save_total_limit`` rotation), named in the journal.
 """
 
 from __future__ import annotations
@@ -11,12 +16,21 @@ import dataclasses
 import json
 import re
 import struct
+import zipfile
 from pathlib import Path
+from typing import Any, Callable
+
+from ..protocol import read_error_records
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin",
                 "pytorch_model.bin", "model.safetensors.index.json")
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+# torch.save files a resume reads; since torch 1.6 each is a zip archive
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin",
+               "adapter_model.bin", "pytorch_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
+QUARANTINE_DIR = "quarantine"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +66,34 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def torch_file_problem(path: Path) -> str | None:
+    """None unless ``path`` starts as a zip (torch.save) but has no central directory: cut short.
+
+    A legacy (pickle) torch file is not a zip and is passed: we cannot check it cheaply.
+    """
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return None
+        if not zipfile.is_zipfile(path):  # reads only the end-of-central-directory record
+            return f"{path.name} is truncated ({path.stat().st_size} bytes, no zip central directory)"
+    except OSError as exc:
+        return f"{path.name} unreadable: {exc}"
+    return None
+
+
+def _file_problems(path: Path, weights: list[Path]) -> list[str]:
+    problems = []
+    for w in weights:
+        if w.suffix == ".safetensors" and (p := safetensors_problem(w)):
+            problems.append(p)
+    for name in TORCH_FILES:
+        f = path / name
+        if f.is_file() and f.stat().st_size > 0 and (p := torch_file_problem(f)):
+            problems.append(p)
+    return problems
+
+
 def inspect_checkpoint(path: Path) -> CheckpointScan:
     step = int(_CKPT_RE.match(path.name).group(1))  # type: ignore[union-attr]
     problems: list[str] = []
@@ -66,9 +108,11 @@ def inspect_checkpoint(path: Path) -> CheckpointScan:
     weights = [path / n for n in WEIGHT_FILES if (path / n).exists()]
     if not weights:
         problems.append(f"no weights file (looked for {', '.join(WEIGHT_FILES)})")
-    for w in weights:
-        if w.suffix == ".safetensors" and (p := safetensors_problem(w)):
-            problems.append(p)
+    problems.extend(_file_problems(path, weights))
+    if any(w.name.startswith("adapter_model") for w in weights) and not (path / ADAPTER_CONFIG).is_file():
+        # a warning, not a problem: PEFT needs it to load, but a hand-made checkpoint may carry the
+        # config elsewhere (and the supervisor's fake child writes none)
+        warnings.append(f"{ADAPTER_CONFIG} missing beside the adapter weights: PEFT cannot load it from here")
     for name in TRAINING_STATE_FILES:
         if not (path / name).exists():
             warnings.append(f"{name} missing: the optimizer/LR schedule restarts from scratch")
@@ -84,3 +128,46 @@ def scan_checkpoints(directory: str | Path | None) -> list[CheckpointScan]:
     found = [inspect_checkpoint(p) for p in Path(directory).iterdir()
              if p.is_dir() and _CKPT_RE.match(p.name)]
     return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantined:
+    step: int
+    path: Path  # where it was
+    moved_to: Path
+
+
+def quarantine_after(directory: str | Path | None, last_good_step: int) -> list[Quarantined]:
+    """Move every ``checkpoint-N`` with N > ``last_good_step`` to ``<directory>/quarantine/``. Never deletes."""
+    moved = []
+    for scan in scan_checkpoints(directory):
+        if scan.step <= last_good_step:
+            continue
+        target = Path(directory) / QUARANTINE_DIR / scan.path.name  # type: ignore[arg-type]
+        n = 1
+        while target.exists():  # the same step quarantined before (a second NaN): keep both
+            n += 1
+            target = target.with_name(f"{scan.path.name}.{n}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scan.path.rename(target)
+        moved.append(Quarantined(step=scan.step, path=scan.path, moved_to=target))
+    return moved
+
+
+def quarantine_after_nan(directory: str | Path | None, error_file: Path, failed_step: int | None,
+                         emit: Callable[..., Any]) -> list[Quarantined]:
+    """After a nan_loss attempt: quarantine checkpoints newer than the last finite step, one event each.
+
+    The last finite step is the lowest any rank recorded (``last_finite_step``), else the
+    failure's step; with neither, nothing is known to be bad and nothing moves.
+    """
+    finite = [r.last_finite_step for r in read_error_records(error_file) if r.last_finite_step is not None]
+    last_good = min(finite) if finite else failed_step
+    if last_good is None:
+        return []
+    moved = quarantine_after(directory, last_good)
+    for q in moved:
+        emit("checkpoint_quarantined", step=q.step, path=str(q.path), moved_to=str(q.moved_to),
+             last_finite_step=last_good,
+             reason=f"written after the last finite step {last_good}: its weights may hold the NaN update")
+    return moved

@@ -1,18 +1,55 @@
 """Turn how a child ended into a Failure (or None for success). Pure.
 
 Evidence in order of trust (DESIGN §4): the child's own error record (root cause = the
-earliest rank's), our own hang kill, a SIGKILL while host memory was near full, an OOM
-message in stderr, then anything else is a crash.
+earliest rank's; it wins even over our hang kill), our own hang kill, a SIGKILL while host memory was near full, an OOM
+message in stderr, then anything else is a crash. A crash that is a full disk (or a file
+size or quota limit) says so first: no rung helps, freeing space does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import signal as _signal
 from typing import Sequence
 
 from ..policy import Failure
 from ..protocol import ErrorRecord, FailureKind, Phase, find_oom
 from .process import ChildOutcome
+
+
+# What a write to a full disk looks like from Python (OSError), safetensors (Rust io error)
+# and torch.save (PytorchStreamWriter): ENOSPC, EDQUOT and EFBIG (RLIMIT_FSIZE).
+DISK_FULL_PATTERNS = (
+    r"No space left on device",
+    r"\[Errno 28\]",
+    r"os error 28",
+    r"Disk quota exceeded",
+    r"\[Errno 122\]",
+    r"File too large",
+    r"\[Errno 27\]",
+    r"PytorchStreamWriter failed writing file",
+)
+_DISK_FULL_RE = re.compile("|".join(DISK_FULL_PATTERNS), re.IGNORECASE)
+DISK_FULL_PREFIX = "disk full"
+
+
+def find_disk_full(text: str) -> str | None:
+    """The first line of ``text`` saying a write failed for lack of space, or None."""
+    for line in text.splitlines():
+        if _DISK_FULL_RE.search(line):
+            return line.strip()
+    return None
+
+
+def _disk_full(failure: Failure, evidence: str) -> Failure:
+    line = find_disk_full(f"{failure.detail}\n{evidence}")
+    if failure.kind is not FailureKind.CRASH or line is None:
+        return failure
+    during = "" if failure.phase is Phase.UNKNOWN else f" during {failure.phase.value}"
+    return dataclasses.replace(failure, detail=(
+        f"{DISK_FULL_PREFIX}{during}: {line[:300]} — free space on the checkpoint filesystem (or raise the "
+        "quota / file-size limit), then rerun `oomguard run --run-dir DIR`"))
 
 
 def _last_line(text: str) -> str:
@@ -37,11 +74,12 @@ def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_
     """None when the child succeeded. ``last_step``: the newest step seen (heartbeat/checkpoints)."""
     if outcome.exit_code == 0 and not outcome.hung:
         return None
+    if records:  # before the hang check: a child that wrote its record and then went quiet
+        # (emergency save, torch teardown) was already dying of what the record says
+        return _disk_full(_from_record(records[0]), records[0].traceback)
     if outcome.hung:
         return Failure(kind=FailureKind.HANG, step=last_step, phase=Phase.UNKNOWN,
                        detail="no heartbeat within hang_timeout_s; the process group was killed")
-    if records:
-        return _from_record(records[0])
     if outcome.signal == _signal.SIGKILL and outcome.host_mem_peak_percent >= host_oom_percent:
         return Failure(kind=FailureKind.HOST_OOM, step=last_step, detail=(
             f"SIGKILL while host memory was {outcome.host_mem_peak_percent:.0f}% used "
@@ -49,4 +87,5 @@ def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_
     oom_line = find_oom(outcome.stderr_tail)
     if oom_line:
         return Failure(kind=FailureKind.CUDA_OOM, step=last_step, detail=oom_line[:500])
-    return Failure(kind=FailureKind.CRASH, step=last_step, detail=_crash_detail(outcome))
+    crash = Failure(kind=FailureKind.CRASH, step=last_step, detail=_crash_detail(outcome))
+    return _disk_full(crash, outcome.stderr_tail)

@@ -45,18 +45,19 @@ class BuiltCommand:
     delivered: Mapping[str, str]  # knob -> "flag" | "appended" | "placeholder" | "env"
 
 
-def flag_specs(policy_flags: Mapping[str, Any] | None) -> dict[str, FlagSpec]:
-    """Defaults for the core knobs, overridden by the policy's ``flags`` section."""
-    specs = {k: FlagSpec(names=v) for k, v in DEFAULT_FLAG_NAMES.items()}
-    specs[KNOB_PRECISION] = FlagSpec(names=tuple(PRECISION_FLAGS.values()), style="bool",
-                                     values=PRECISION_FLAGS)
+def flag_specs(policy_flags: Mapping[str, Any] | None, knobs: Sequence[str] = ()) -> dict[str, FlagSpec]:
+    """Defaults for the core knobs (and ``--<knob>`` for any other policy knob), overridden by
+    the policy's ``flags`` section. A flag the user wrote is read as the request and rewritten."""
+    specs = {k: FlagSpec(names=(f"--{k}", f"--{k.replace('_', '-')}")) for k in knobs}
+    specs.update({k: FlagSpec(names=v) for k, v in DEFAULT_FLAG_NAMES.items()})
+    # bool style: ``values`` are the bare flags (--bf16/--fp16), ``names`` value-style spellings
+    # (the built-in recipe's --precision bf16) read and rewritten as well
+    specs[KNOB_PRECISION] = FlagSpec(names=("--precision",), style="bool", values=PRECISION_FLAGS)
     for knob, raw in (policy_flags or {}).items():
         get = raw.get if isinstance(raw, Mapping) else lambda k, d=None, r=raw: getattr(r, k, d)
-        names = tuple(get("names", ()) or ())
+        names = tuple(get("names", ()) or ()) or (specs[knob].names if knob in specs else ())
         values = dict(get("values", {}) or {})
         style = get("style", "value") or "value"
-        if style == "bool" and not names:
-            names = tuple(values.values())
         specs[knob] = FlagSpec(names=names, append=bool(get("append", False)), style=style, values=values)
     return specs
 
@@ -101,6 +102,9 @@ def knobs_in_command(argv: Sequence[str], specs: Mapping[str, FlagSpec]) -> dict
                 raw = read_flag(argv, (flag,))
                 if raw is not None and raw.lower() not in _FALSE:
                     found[knob] = value
+            raw = read_flag(argv, spec.names) if spec.names else None
+            if raw is not None:
+                found[knob] = raw
         else:
             raw = read_flag(argv, spec.names)
             if raw is not None:
@@ -140,7 +144,7 @@ def _apply_bool(argv: list[str], spec: FlagSpec, chosen: str) -> tuple[list[str]
             continue
         out.append(arg)
     flag = spec.values.get(chosen)
-    if flag and (present or spec.append):
+    if flag and (present or (spec.append and read_flag(out, spec.names) is None)):
         out.append(flag)
     return out, bool(present)
 
@@ -156,8 +160,9 @@ def build_command(argv: Sequence[str], knobs: Mapping[str, Any], specs: Mapping[
             delivered.setdefault(knob, "env")
             continue
         if spec.style == "bool":
+            by_value = bool(spec.names) and _replace_value(out, spec.names, str(value))
             out, present = _apply_bool(out, spec, str(value))
-            delivered[knob] = "flag" if present else ("appended" if spec.append else "env")
+            delivered[knob] = "flag" if present or by_value else ("appended" if spec.append else "env")
         elif _replace_value(out, spec.names, str(value)):
             delivered[knob] = "flag"
         elif spec.append and spec.names:

@@ -33,6 +33,9 @@ class AttemptRecord:
     failure: dict[str, Any] | None = None  # {kind, step, phase, detail, rank}
     max_step: int | None = None
     decision: dict[str, Any] | None = None  # what the supervisor decided after it
+    pid: int | None = None  # the child's pid = its process group (it leads its own session)
+    pid_started: float | None = None  # the child's start time, seconds since the epoch (pid reuse check)
+    interrupted: str | None = None  # why it ended without a verdict: "SIGTERM", "SIGINT", "supervisor died"
 
 
 @dataclasses.dataclass

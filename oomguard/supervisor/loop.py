@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ..errors import ExitCode
 from ..policy import (AttemptView, CheckpointInfo, DataProfile, Decision, Failure, GiveUpReason, RungRef,
                       decide)
@@ -19,12 +21,13 @@ from ..protocol import (ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJ
                         ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
                         KNOBS_JSON, POLICY_COPY, FailureKind, RunStatus, atomic_write_json,
                         read_error_records)
-from .checkpoints import CheckpointScan, scan_checkpoints
+from .checkpoints import CheckpointScan, quarantine_after_nan, scan_checkpoints
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
-from .process import ChildOutcome, StopFlag, Watch, run_child
+from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
+from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
 from .progress import ProgressTail
 from .spec import RunSpec
 
@@ -35,6 +38,7 @@ GIVE_UP_EXIT = {GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
 def supervise(spec: RunSpec) -> ExitCode:
     """Run ``spec`` to the end; the run dir says everything that happened."""
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    load_record(spec.run_dir)  # a foreign dir is refused before the lock file is written into it
     with RunLock(spec.run_dir):
         journal = _open_journal(spec)
         stop = StopFlag()
@@ -61,11 +65,26 @@ def _open_journal(spec: RunSpec) -> Journal:
                       knobs=record.requested, world_size=spec.world_size, gpu=record.gpu)
         return journal
     journal = Journal(spec.run_dir, record)
+    was = record.status
     record.status = RunStatus.RUNNING.value
     record.ended = record.exit_code = record.give_up = record.root_cause = None
+    if record.attempts and record.attempts[-1].ended is None:
+        _close_abandoned(spec, journal, record.attempts[-1])
     journal.save()
-    journal.event("run_continued", after_attempts=len(record.attempts), knobs=record.config)
+    journal.event("run_continued", after_attempts=len(record.attempts), knobs=record.config, previous_status=was)
     return journal
+
+
+def _close_abandoned(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> None:
+    """The previous supervisor died (SIGKILL, power) mid-attempt: its run.json says ``running``
+    and the attempt never ended. Its child got SIGTERM (PR_SET_PDEATHSIG) and saved; whatever
+    is left of the group is stopped before a new child may touch the checkpoints."""
+    orphan = reap_orphan(attempt.pid, attempt.pid_started, _watch(spec, journal).grace_s) if attempt.pid else None
+    attempt.ended = time.time()
+    attempt.interrupted = "supervisor died"
+    attempt.max_step = _max_step(spec, journal, attempt, [])
+    journal.event("attempt_abandoned", attempt=attempt.n, pid=attempt.pid, max_step=attempt.max_step,
+                  orphan=orphan or "no process of it was left")
 
 
 def _copy_policy(spec: RunSpec) -> None:
@@ -76,12 +95,12 @@ def _copy_policy(spec: RunSpec) -> None:
 
 def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
     record = journal.record
-    rung: RungRef | None = None
-    resume = _resume_point(journal, spec, None) if record.attempts else None
+    rung, resume = _continuation(spec, journal)
     while True:
         attempt = _start_attempt(spec, journal, rung, resume)
         outcome = run_child(attempt.command, _child_env(spec, journal, attempt), journal.attempt_dir(attempt.n),
-                            _watch(spec, journal), stop, ProgressTail(journal, attempt.n, spec.echo).tick)
+                            _watch(spec, journal), stop, ProgressTail(journal, attempt.n, spec.echo).tick,
+                            on_start=lambda pid: _record_pid(journal, attempt, pid))
         failure = _finish_attempt(spec, journal, attempt, outcome)
         if outcome.interrupted_by is not None:
             return _end(journal, RunStatus.INTERRUPTED, ExitCode.INTERRUPTED,
@@ -102,6 +121,29 @@ def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
         rung, resume = decision.rung, decision.resume_from
 
 
+def _continuation(spec: RunSpec, journal: Journal) -> tuple[RungRef | None, str | None]:
+    """Where a continued run picks up. A retry the previous supervisor decided but did not
+    start (it died, or was stopped, between attempts) is carried out as decided; otherwise
+    the same knobs resume from the newest complete checkpoint."""
+    record = journal.record
+    if not record.attempts:
+        return None, None
+    decision = record.attempts[-1].decision or {}
+    if decision.get("action") == "retry" and record.attempts[-1].failure:
+        record.config = dict(decision["knobs"])
+        rung = decision.get("rung")
+        ref = RungRef(ladder=FailureKind(rung["ladder"]), index=rung["index"]) if rung else None
+        planned = decision.get("resume_from")
+        usable = {str(c.path) for c in _usable_checkpoints(spec, journal)}
+        return ref, planned if planned in usable else _resume_point(journal, spec, None)
+    return None, _resume_point(journal, spec, None)
+
+
+def _record_pid(journal: Journal, attempt: AttemptRecord, pid: int) -> None:
+    attempt.pid, attempt.pid_started = pid, process_started(pid)
+    journal.save()
+
+
 def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume: str | None) -> AttemptRecord:
     record = journal.record
     n = len(record.attempts) + 1
@@ -113,7 +155,8 @@ def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume
     atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
     journal.save()
     journal.event("attempt_started", attempt=n, knobs=attempt.knobs, rung=attempt.rung,
-                  resumed_from=resume, command=attempt.command, delivered=attempt.delivered)
+                  resumed_from=resume, command=attempt.command, delivered=attempt.delivered,
+                  launch=launch_plan(attempt.command).to_dict())
     _say(spec, f"attempt {n}: " + " ".join(f"{k}={v}" for k, v in attempt.knobs.items())
          + (f" · resuming from {Path(resume).name}" if resume else ""))
     return attempt
@@ -130,7 +173,7 @@ def _child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> dict[
         "PYTHONUNBUFFERED": "1",
     })
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # DESIGN §6
-    return env
+    return bootstrap_env(env, attempt.command, attempt.delivered)
 
 
 def _watch(spec: RunSpec, journal: Journal) -> Watch:
@@ -146,14 +189,25 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
     attempt.ended, attempt.exit_code, attempt.signal = time.time(), outcome.exit_code, outcome.signal
     attempt.failure = _failure_dict(failure)
+    if outcome.interrupted_by is not None:
+        attempt.interrupted = signal.Signals(outcome.interrupted_by).name
     journal.save()
     journal.event("attempt_ended", attempt=attempt.n, exit_code=outcome.exit_code, signal=outcome.signal,
                   duration_s=round(outcome.duration_s, 2), failure=attempt.failure, max_step=attempt.max_step,
-                  interrupted_by=outcome.interrupted_by, ranks=[r.rank for r in records])
+                  interrupted_by=outcome.interrupted_by, ranks=[r.rank for r in records],
+                  bootstrap=bootstrap_outcome(launch_plan(attempt.command).delivery.value, journal.events(),
+                                              attempt.started),
+                  supervisor=_own_footprint())
     if failure is not None:
         _say(spec, f"attempt {attempt.n} failed: {failure.kind.value} at step {failure.step} "
              f"({failure.phase.value}): {failure.detail}")
     return failure
+
+
+def _own_footprint() -> dict[str, int]:
+    """The supervisor's own resident memory (bytes) and open descriptors: a soak checks both stay flat."""
+    me = psutil.Process()
+    return {"rss": me.memory_info().rss, "fds": me.num_fds()}
 
 
 def _failure_dict(failure: Failure | None) -> dict[str, Any] | None:
@@ -169,7 +223,8 @@ def _max_step(spec: RunSpec, journal: Journal, attempt: AttemptRecord, records: 
               and e.get("time", 0) >= attempt.started and isinstance(e.get("step"), int)]
     steps += [c.step for c in scan_checkpoints(spec.checkpoint_dir)
               if c.complete and _mtime(c.path) >= attempt.started]
-    return max(steps) if steps else None
+    best = max(steps, default=0)
+    return best if best > 0 else None  # step 0 is "no optimizer step completed", not progress
 
 
 def _mtime(path: Path) -> float:
@@ -218,6 +273,9 @@ def _phase(value: str | None):
 
 
 def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
+    if failure.kind is FailureKind.NAN_LOSS:  # issue 5: checkpoints written after the NaN move aside
+        quarantine_after_nan(spec.checkpoint_dir, journal.attempt_dir(len(journal.record.attempts)) / ERROR_JSON,
+                             failure.step, journal.event)
     usable = _usable_checkpoints(spec, journal)
     bf16_ok = None
     if spec.gpu is not None and spec.gpu.compute_capability:

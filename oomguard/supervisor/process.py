@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import IO, Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from ..protocol import HEARTBEAT, STDERR_LOG, STDOUT_LOG
 
 POLL_S = 0.2
 TAIL_LINES = 200
+TAIL_BYTES = 256 * 1024  # of stderr read back for classification
 HOST_MEM_WINDOW_S = 10.0  # seconds of host-memory history kept to judge a SIGKILL
 
 
@@ -65,19 +65,37 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _pump(src: IO[bytes], log: IO[bytes], echo: IO[bytes] | None, tail: collections.deque) -> None:
-    for line in iter(src.readline, b""):
-        log.write(line)
-        log.flush()
-        if tail is not None:
-            tail.append(line)
-        if echo is not None:
-            try:
-                echo.write(line)
-                echo.flush()
-            except (OSError, ValueError):
-                pass
-    src.close()
+class _Echo:
+    """Copies what the child appended to its log file to our terminal, from where it left off.
+
+    The child writes its stdout/stderr straight into the attempt's log files, not into pipes:
+    a pipe dies with the supervisor, and an orphan's next print (a loss line, a progress bar)
+    would then raise BrokenPipeError before its guard could save. A file outlives us."""
+
+    def __init__(self, path: Path, target: IO[bytes] | None):
+        self.path, self.target, self.offset = path, target, path.stat().st_size
+
+    def pump(self) -> None:
+        if self.target is None:
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        try:
+            self.target.write(chunk)
+            self.target.flush()
+        except (OSError, ValueError):
+            pass  # our own terminal went away; the log file has it all
+
+
+def _tail(path: Path, since: int, lines: int = TAIL_LINES) -> str:
+    """The last ``lines`` lines the child wrote to ``path`` after byte ``since`` (this attempt's)."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(since, size - TAIL_BYTES))
+        text = f.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -110,27 +128,81 @@ def _tree_pids(proc: psutil.Process) -> set[int]:
 
 def _terminate(popen: subprocess.Popen, pgid: int, first: int, grace_s: float) -> None:
     _kill_group(pgid, first)
-    deadline = time.monotonic() + grace_s
-    while popen.poll() is None and time.monotonic() < deadline:
-        time.sleep(POLL_S)
+    try:
+        popen.wait(timeout=grace_s)  # the guard saves at the next step end, then exits
+    except subprocess.TimeoutExpired:
+        pass
     _kill_group(pgid, signal.SIGKILL)
 
 
+def _hang_grace(watch: Watch) -> float:
+    """Seconds a hung child gets after SIGTERM: it has not stepped for hang_timeout_s, so it
+    will not reach the step end where the guard saves; more than 10 s is waiting for nothing."""
+    return min(watch.grace_s, 10.0, watch.hang_timeout_s or watch.grace_s)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (not zombie) process in group ``pgid``: an orphan's exit leaves a zombie until
+    init reaps it, and a zombie has nothing left to save."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def process_started(pid: int) -> float | None:
+    """The start time of ``pid`` (seconds since the epoch, as psutil reports), None if gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def reap_orphan(pid: int, started: float | None, grace_s: float) -> str | None:
+    """Stop what is left of a dead supervisor's child group ``pid`` (it was a session leader).
+
+    The child got SIGTERM from PR_SET_PDEATHSIG and should be saving; it gets ``grace_s``
+    seconds to finish, then SIGKILL. Returns what was done, or None when nothing was left.
+    A live ``pid`` whose start time differs from ``started`` is a reused pid: left alone.
+    """
+    now_started = process_started(pid)
+    if now_started is not None and started is not None and abs(now_started - started) > 1.0:
+        return None
+    if not _group_alive(pid):
+        return None
+    _kill_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if not _group_alive(pid):
+        return f"the previous supervisor's child group {pid} was still running; it stopped on SIGTERM"
+    _kill_group(pid, signal.SIGKILL)
+    return f"the previous supervisor's child group {pid} was still running; killed after {grace_s:g} s"
+
+
 def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, watch: Watch,
-              stop: StopFlag, on_tick: Callable[[], None] | None = None) -> ChildOutcome:
+              stop: StopFlag, on_tick: Callable[[], None] | None = None,
+              on_start: Callable[[int], None] | None = None) -> ChildOutcome:
+    """Start ``argv`` in its own session, tee its output into ``attempt_dir``, watch it to its end.
+
+    ``on_start(pid)`` runs right after the start (the journal records the pid, so a supervisor
+    that dies can be followed by one that finds the orphan); ``on_tick`` once per poll.
+    """
     attempt_dir.mkdir(parents=True, exist_ok=True)
     started, t0 = time.time(), time.monotonic()
-    out_log = (attempt_dir / STDOUT_LOG).open("ab")
-    err_log = (attempt_dir / STDERR_LOG).open("ab")
-    popen = subprocess.Popen(list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, start_new_session=True,
-                             preexec_fn=_set_parent_death_signal)
-    tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
-    pumps = [threading.Thread(target=_pump, daemon=True, args=a) for a in (
-        (popen.stdout, out_log, sys.stdout.buffer if watch.echo else None, None),
-        (popen.stderr, err_log, sys.stderr.buffer if watch.echo else None, tail))]
-    for t in pumps:
-        t.start()
+    out_path, err_path = attempt_dir / STDOUT_LOG, attempt_dir / STDERR_LOG
+    with out_path.open("ab") as out_log, err_path.open("ab") as err_log:
+        err_start = err_path.stat().st_size
+        echoes = [_Echo(out_path, sys.stdout.buffer if watch.echo else None),
+                  _Echo(err_path, sys.stderr.buffer if watch.echo else None)]
+        popen = subprocess.Popen(list(argv), env=dict(env), stdout=out_log, stderr=err_log,
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                 preexec_fn=_set_parent_death_signal)
+    if on_start is not None:
+        on_start(popen.pid)
     proc, pids = psutil.Process(popen.pid), {popen.pid}
     mem: collections.deque = collections.deque()
     hung = False
@@ -146,18 +218,21 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
             _terminate(popen, popen.pid, stop.signum or signal.SIGTERM, watch.grace_s)
         elif _stale_heartbeat(watch, started, now):
             hung = True
-            _terminate(popen, popen.pid, signal.SIGTERM, min(watch.grace_s, 10.0))
+            _terminate(popen, popen.pid, signal.SIGTERM, _hang_grace(watch))
         elif on_tick is not None:
             on_tick()
-        time.sleep(POLL_S)
+        for echo in echoes:
+            echo.pump()
+        try:
+            popen.wait(timeout=POLL_S)  # returns at once when the child ends: no idle poll
+        except subprocess.TimeoutExpired:
+            pass
     _kill_group(popen.pid, signal.SIGKILL)  # stragglers a launcher left behind
-    for t in pumps:
-        t.join(timeout=10)
-    out_log.close()
-    err_log.close()
+    for echo in echoes:
+        echo.pump()
     rc = popen.returncode
     return ChildOutcome(
         exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, hung=hung,
         interrupted_by=interrupted, duration_s=time.monotonic() - t0,
         host_mem_peak_percent=max((p for _, p in mem), default=0.0),
-        stderr_tail=b"".join(tail).decode(errors="replace"), pids=frozenset(pids))
+        stderr_tail=_tail(err_path, err_start), pids=frozenset(pids))

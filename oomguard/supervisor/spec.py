@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from ..errors import UsageError
 from ..policy import GpuInfo, Policy, load_all_shipped, load_policy_arg, select_policy
-from ..protocol import parse_inject, parse_size
+from ..protocol import POLICY_COPY, RUN_JSON, parse_inject, parse_size
 from .command import FlagSpec, flag_specs, knobs_in_command, output_dir_of, world_size_of
 from .gpu import detect_gpu, emulated_gpu
 
@@ -62,12 +62,17 @@ def _check_options(vram_limit: str | None, inject: str | None) -> None:
         raise UsageError(f"{option}: {exc}") from None
 
 
-def resolve_policy(policy_arg: str | None, vram_limit: str | None) -> tuple[Policy, GpuInfo | None]:
+def resolve_policy(policy_arg: str | None, vram_limit: str | None,
+                   run_dir: Path | None = None) -> tuple[Policy, GpuInfo | None]:
+    """``--policy`` if given; else the policy a continued run already used (its copy in the run
+    dir: `oomguard run --run-dir D` after a crash must not switch ladders); else by GPU."""
     gpu = detect_gpu()
     if vram_limit:
         gpu = emulated_gpu(gpu, parse_size(vram_limit))
     if policy_arg:
         return load_policy_arg(policy_arg), gpu
+    if run_dir is not None and (run_dir / RUN_JSON).is_file() and (run_dir / POLICY_COPY).is_file():
+        return load_policy_arg(str(run_dir / POLICY_COPY)), gpu
     return select_policy(load_all_shipped(), gpu), gpu
 
 
@@ -76,8 +81,8 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                inject: str | None = None, echo: bool = True) -> RunSpec:
     _check_options(vram_limit, inject)
     cmd = _check_command(command)
-    policy, gpu = resolve_policy(policy_arg, vram_limit)
-    specs = flag_specs(policy_flags(policy))
+    policy, gpu = resolve_policy(policy_arg, vram_limit, run_dir)
+    specs = flag_specs(policy_flags(policy), knobs=list(policy_knobs(policy)))
     requested = {**policy_knobs(policy), **knobs_in_command(cmd, specs)}
     out = checkpoint_dir or (Path(output_dir_of(cmd)) if output_dir_of(cmd) else run_dir / "checkpoints")
     return RunSpec(command=cmd, policy=policy, run_dir=run_dir, checkpoint_dir=Path(out).absolute(),

@@ -1,13 +1,19 @@
 """A stdlib-only training child for supervisor edge cases (no torch: fast and exact).
 
 It "trains" by counting steps, writes HF-shaped checkpoints, touches the heartbeat, reads
-knobs from its flags (so flag rewriting is exercised) and fails on demand. Real-training
-proofs live in the recipe/guard tests; this child is only for the supervisor's logic.
+knobs from its flags (so flag rewriting is exercised) and fails on demand. Like the real
+guard (oomguard/guard/shutdown.py) it turns SIGTERM/SIGINT into "save at the end of this
+step, then exit 128+signal". Real-training proofs live in the recipe/guard tests and in
+test_reliability.py; this child is only for the supervisor's logic.
+
+``--plan`` drives a soak: attempt n (1-based) does one step past its resume point, saves it,
+then fails with ``plan[n-1]`` (an attempt past the plan trains to the end).
 """
 
 import argparse
 import json
 import os
+import resource
 import signal
 import struct
 import sys
@@ -17,18 +23,85 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from oomguard import protocol  # noqa: E402
 
+PLAN_KINDS = ("oom", "oom_record", "bnb", "nan", "host_oom", "hang", "crash", "resume_oom", "torn", "ok")
+STOP = {"signum": None}
 
-def save_checkpoint(out: Path, step: int) -> None:
+
+def on_stop_signal(signum, _frame):
+    STOP["signum"] = signum
+
+
+def save_checkpoint(out: Path, step: int, run_dir: Path, opt_bytes: int = 3) -> None:
+    """Weights, optimizer, scheduler, then trainer_state.json last (as HF does: nothing atomic)."""
     ck = out / f"checkpoint-{step}"
     ck.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     (ck / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
-    (ck / "optimizer.pt").write_bytes(b"opt")
+    (ck / "optimizer.pt").write_bytes(b"o" * opt_bytes)
     (ck / "scheduler.pt").write_bytes(b"sch")
     (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    protocol.emit_event(run_dir, "checkpoint_saved", step=step, path=str(ck), source="child")
 
 
-def main() -> int:
+def record(kind, step, detail, phase=protocol.Phase.FORWARD_BACKWARD, **extra) -> int:
+    protocol.write_error_record(os.environ[protocol.ENV_ERROR_FILE], protocol.ErrorRecord(
+        kind=kind, phase=phase, step=step, detail=detail, **extra))
+    return 1
+
+
+def hang() -> None:
+    while True:  # deaf to SIGTERM, as a child stuck in a collective or a dead dataloader is
+        time.sleep(0.05)
+
+
+def tear_journal(run_dir: Path) -> None:
+    """Half a JSON line with no newline, then death: what a kill mid-write leaves."""
+    with open(run_dir / protocol.EVENTS_JSONL, "ab") as f:
+        f.write(b'{"time": 1, "event": "step", "step": 99, "sou')
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_planned(kind: str, step: int, run_dir: Path) -> int | None:
+    """Fail the way ``kind`` says at ``step`` (the step now starting); None for ``ok``."""
+    done = step - 1
+    if kind == "oom":
+        print(f"torch.OutOfMemoryError: CUDA out of memory at step {step}", file=sys.stderr)
+        return 1
+    if kind == "bnb":
+        print("Error out of memory at line 380 in file /src/csrc/ops.cu", file=sys.stderr)
+        return 1
+    if kind == "oom_record":
+        return record(protocol.FailureKind.CUDA_OOM, done, "CUDA out of memory (record)")
+    if kind == "nan":
+        return record(protocol.FailureKind.NAN_LOSS, done, "non-finite grad norm", phase=protocol.Phase.OPTIMIZER_STEP,
+                      last_finite_step=done)
+    if kind == "host_oom":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        hang()
+    if kind == "torn":
+        tear_journal(run_dir)
+    if kind == "crash":
+        print(f"Traceback (most recent call last):\nRuntimeError: transient failure at step {step}", file=sys.stderr)
+        return 1
+    return None
+
+
+def fill_disk(out: Path, leave: int) -> None:
+    """Another writer takes the checkpoint filesystem's space, all but ``leave`` bytes."""
+    st = os.statvfs(out)
+    free = st.f_bavail * st.f_frsize
+    with open(out / ".filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def limit_file_size(limit: int) -> None:
+    """RLIMIT_FSIZE: a write past ``limit`` bytes fails with EFBIG ("File too large")."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us instead of failing the write
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per_device_train_batch_size", type=int, default=8)
     ap.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -40,52 +113,89 @@ def main() -> int:
     ap.add_argument("--oom_over", type=int, default=None, help="OOM when batch*seq exceeds this")
     ap.add_argument("--oom_style", default="stderr", choices=["stderr", "record", "bnb"])
     ap.add_argument("--fail_at", type=int, default=3, help="step at which a failure fires")
-    ap.add_argument("--mode", default="ok", choices=["ok", "nan", "sigkill", "hang", "crash", "crash_once"])
+    ap.add_argument("--mode", default="ok",
+                    choices=["ok", "nan", "nan_always", "sigkill", "hang", "crash", "crash_once", "torn"])
     ap.add_argument("--truncate_newest", action="store_true", help="corrupt the newest checkpoint on failure")
-    args = ap.parse_args()
+    ap.add_argument("--plan", default="", help=f"comma list, one per attempt, of {', '.join(PLAN_KINDS)}")
+    ap.add_argument("--opt_bytes", type=int, default=3, help="size of optimizer.pt")
+    ap.add_argument("--disk_full_at", type=int, default=None, help="the save at this step finds the disk full")
+    ap.add_argument("--disk_full_by", default="fill", choices=["fill", "fsize"])
+    ap.add_argument("--disk_full_attempts", type=int, default=1, help="attempts whose save finds the disk full")
+    ap.add_argument("--stop_delay_s", type=float, default=0.0, help="steps go on this long after a stop signal")
+    return ap.parse_args()
+
+
+def legacy_failure(args, step: int, attempt: int, out: Path, run_dir: Path) -> int | None:
+    """The single-failure modes of --fail_at (see test_supervisor.py)."""
+    too_big = args.oom_over is not None and args.per_device_train_batch_size * args.max_seq_length > args.oom_over
+    if too_big and args.truncate_newest:
+        newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        weights = newest / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-2])
+    if too_big:
+        return fail_planned({"stderr": "oom", "bnb": "bnb", "record": "oom_record"}[args.oom_style], step, run_dir)
+    if (args.mode == "nan" and attempt == 1) or args.mode == "nan_always":
+        return fail_planned("nan", step, run_dir)
+    if args.mode in ("sigkill", "hang", "torn") and attempt == 1:
+        return fail_planned({"sigkill": "host_oom"}.get(args.mode, args.mode), step, run_dir)
+    if args.mode == "crash" or (args.mode == "crash_once" and attempt == 1):
+        print("Traceback (most recent call last):\nValueError: a bug in the script", file=sys.stderr)
+        return 1
+    return None
+
+
+def save_maybe_full(args, out: Path, step: int, run_dir: Path, attempt: int) -> None:
+    if args.disk_full_at == step and attempt <= args.disk_full_attempts:
+        if args.disk_full_by == "fill":
+            fill_disk(out, leave=8192)
+        else:
+            limit_file_size(args.opt_bytes // 2)
+    save_checkpoint(out, step, run_dir, args.opt_bytes)  # OSError (ENOSPC/EFBIG) ends us with a traceback
+
+
+def main() -> int:
+    args = parse()
     env = os.environ
     out = Path(env.get(protocol.ENV_CHECKPOINT_DIR) or args.output_dir or "out")
+    out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(env.get(protocol.ENV_RUN_DIR, "."))
+    attempt = int(env.get(protocol.ENV_ATTEMPT, "1"))
+    if attempt > args.disk_full_attempts and (out / ".filler").exists():
+        (out / ".filler").unlink()  # whoever filled the disk is gone by the retry
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_stop_signal)
+    plan = [k.strip() for k in args.plan.split(",") if k.strip()]
+    unknown = sorted(set(plan) - set(PLAN_KINDS))
+    if unknown:
+        print(f"fake child: unknown --plan kinds {unknown}; use {', '.join(PLAN_KINDS)}", file=sys.stderr)
+        return 2
+    kind = plan[attempt - 1] if attempt <= len(plan) else "ok"
     resume = env.get(protocol.ENV_RESUME_FROM) or ""
     start = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]) if resume else 0
     print(f"fake child: batch={args.per_device_train_batch_size} accum={args.gradient_accumulation_steps} "
           f"seq={args.max_seq_length} start={start} knobs={env.get(protocol.ENV_KNOBS)}", flush=True)
-    attempt = int(env.get(protocol.ENV_ATTEMPT, "1"))
+    if kind == "resume_oom":
+        return record(protocol.FailureKind.RESUME_OOM, start, "CUDA out of memory loading the optimizer state",
+                      phase=protocol.Phase.CHECKPOINT_LOAD)
+    stopping_since = None
     for step in range(start + 1, args.max_steps + 1):
         time.sleep(args.step_s)
-        if step == args.fail_at:
-            too_big = args.oom_over is not None and args.per_device_train_batch_size * args.max_seq_length > args.oom_over
-            if too_big and args.truncate_newest:
-                newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-                weights = newest / "adapter_model.safetensors"
-                weights.write_bytes(weights.read_bytes()[:-2])
-            if too_big and args.oom_style == "stderr":
-                print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
-                return 1
-            if too_big and args.oom_style == "bnb":
-                print("Error out of memory at line 380 in file /src/csrc/ops.cu", file=sys.stderr)
-                return 1
-            if too_big and args.oom_style == "record":
-                protocol.write_error_record(env[protocol.ENV_ERROR_FILE], protocol.ErrorRecord(
-                    kind=protocol.FailureKind.CUDA_OOM, phase=protocol.Phase.FORWARD_BACKWARD, step=step - 1,
-                    detail="CUDA out of memory (record)"))
-                return 1
-            if args.mode == "nan" and attempt == 1:
-                protocol.write_error_record(env[protocol.ENV_ERROR_FILE], protocol.ErrorRecord(
-                    kind=protocol.FailureKind.NAN_LOSS, phase=protocol.Phase.OPTIMIZER_STEP, step=step - 1,
-                    detail="non-finite grad norm", last_finite_step=step - 1))
-                return 1
-            if args.mode == "sigkill" and attempt == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if args.mode == "hang" and attempt == 1:
-                time.sleep(3600)
-            if args.mode == "crash" or (args.mode == "crash_once" and attempt == 1):
-                print("Traceback (most recent call last):\nValueError: a bug in the script", file=sys.stderr)
-                return 1
+        if plan and step == start + 2 and kind != "ok":
+            return fail_planned(kind, step, run_dir) or 0
+        if not plan and step == args.fail_at:
+            code = legacy_failure(args, step, attempt, out, run_dir)
+            if code is not None:
+                return code
         protocol.touch(run_dir / protocol.HEARTBEAT)
         protocol.emit_event(run_dir, "step", step=step, source="child")
-        if step % args.save_steps == 0 or step == args.max_steps:
-            save_checkpoint(out, step)
+        if STOP["signum"] is not None:
+            stopping_since = stopping_since or time.monotonic()
+            if time.monotonic() - stopping_since >= args.stop_delay_s:
+                save_checkpoint(out, step, run_dir, args.opt_bytes)
+                protocol.emit_event(run_dir, "shutdown_saved", step=step, source="child")
+                return 128 + STOP["signum"]
+        if step % args.save_steps == 0 or step == args.max_steps or plan:
+            save_maybe_full(args, out, step, run_dir, attempt)
     return 0
 
 

@@ -54,3 +54,19 @@ def test_world_size_and_output_dir():
     assert world_size_of(["accelerate", "launch", "--num_processes=4", "--num_machines", "2", "t.py"]) == 8
     assert world_size_of(["python", "t.py"]) == 1
     assert output_dir_of(["x", "--output_dir", "/o"]) == "/o" and read_flag(["--flag"], ["--flag"]) == "true"
+
+
+def test_precision_value_flag_is_read_and_rewritten():
+    argv = ["python", "-m", "oomguard.recipes.sft", "--precision", "fp16"]
+    assert knobs_in_command(argv, SPECS)["precision"] == "fp16"
+    built = build_command(argv, {"precision": "bf16"}, SPECS)
+    assert built.argv[-2:] == ("--precision", "bf16") and built.delivered["precision"] == "flag"
+    specs = flag_specs({"precision": {"style": "bool", "values": {"bf16": "--bf16", "fp16": "--fp16"}}})
+    assert knobs_in_command(argv, specs)["precision"] == "fp16"  # the policy keeps the default spelling
+
+
+def test_any_policy_knob_is_read_from_its_hf_style_flag():
+    specs = flag_specs(None, knobs=["learning_rate", "max_seq_length"])
+    argv = ["python", "t.py", "--learning_rate", "3e-4"]
+    assert knobs_in_command(argv, specs) == {"learning_rate": 3e-4}
+    assert build_command(argv, {"learning_rate": 1e-4}, specs).argv[-1] == "0.0001"

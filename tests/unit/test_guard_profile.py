@@ -52,3 +52,13 @@ def test_vram_limit_is_a_warned_noop_without_cuda():
     assert apply_vram_limit(None) is None
     with pytest.warns(RuntimeWarning, match="needs CUDA"):
         assert apply_vram_limit(24 * 2**30) is None
+
+
+def test_packed_dataset_is_profiled_by_its_samples_not_its_rows():
+    from datasets import Dataset
+
+    from oomguard.guard.profile import dataset_lengths
+
+    packed = Dataset.from_dict({"input_ids": [[1] * 8, [1] * 8], "seq_lengths": [[5, 3], [8]]})
+    lengths, n = dataset_lengths(packed)
+    assert sorted(lengths) == [3, 5, 8] and n == 3

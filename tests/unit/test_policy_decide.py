@@ -121,8 +121,9 @@ def test_nan_without_rungs_left_retries_as_is():
     h = [attempt(1, pol, K.NAN_LOSS, 30, max_step=30),
          attempt(2, {**pol.start_knobs(), "learning_rate": 1e-4}, K.NAN_LOSS, 30, RungRef(K.NAN_LOSS, 0), 30)]
     d = decide(pol, h, CKPTS)
-    assert d.action == "retry" and d.changes == () and d.resume_from == "/run/ckpt/checkpoint-30"
-    assert "no nan_loss rung left" in d.reason
+    # a second NaN in a row rolls back one checkpoint further (the first went to checkpoint-30)
+    assert d.action == "retry" and d.changes == () and d.resume_from == "/run/ckpt/checkpoint-20"
+    assert "no nan_loss rung left" in d.reason and "further back" in d.reason
 
 
 def test_hang_resumes_with_same_knobs():
@@ -219,3 +220,21 @@ def test_shipped_policies_degrade_then_give_up(name):
     history, last = run_oom_sequence(pol, K.CUDA_OOM, bf16_ok=False)
     assert last.give_up in (GiveUpReason.LADDER_EXHAUSTED, GiveUpReason.MAX_ATTEMPTS)
     assert len(history) > 3
+
+
+def test_repeated_nan_rolls_back_further_each_time():
+    from oomguard.policy import AttemptView, CheckpointInfo, Failure, decide, load_policy_arg
+    from oomguard.protocol import FailureKind
+
+    policy = load_policy_arg("demo")
+    knobs = policy.start_knobs()
+    ckpts = [CheckpointInfo(f"/c/checkpoint-{s}", s) for s in (2, 4, 6, 8, 10)]
+    nan = Failure(kind=FailureKind.NAN_LOSS, step=10)
+    history = []
+    picked = []
+    for n in range(1, 5):
+        history.append(AttemptView(n=n, knobs=knobs, rung=None, failure=nan, max_step=10))
+        d = decide(policy, history, ckpts)
+        picked.append(d.resume_from)
+        knobs = d.knobs
+    assert picked == ["/c/checkpoint-10", "/c/checkpoint-8", "/c/checkpoint-4", None]

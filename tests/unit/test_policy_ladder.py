@@ -111,3 +111,13 @@ def test_rung_budget_sums_max_times():
     demo = load_policy_arg("demo")
     expected = sum(r.max_times for k in FailureKind if demo.ladders.get(k) for r in demo.ladders.get(k).rungs)
     assert rung_budget(demo) == expected > 0
+
+
+def test_quantile_step_never_cuts_more_than_min_factor_in_one_step():
+    # 80 % of samples are ~78 tokens, 20 % are 2048 long: the next quantile below 2048 is 64,
+    # which would truncate most tokens at once; one step stops at half the length instead.
+    long_tail = profile([(0.0, 30), (0.8, 78), (0.81, 2048), (1.0, 2048)], max_len=2048)
+    r = rung(op="quantile_step", floor=32, multiple_of=16)
+    assert apply_rung(r, KNOBS, long_tail)["max_seq_length"] == 1024
+    r = rung(op="quantile_step", floor=32, multiple_of=16, min_factor=0.01)
+    assert apply_rung(r, KNOBS, long_tail)["max_seq_length"] == 64

@@ -1,0 +1,128 @@
+"""Unchanged training commands under ``oomguard run``: the real TRL CLI, ``accelerate launch`` of a
+plain ``transformers.Trainer`` script, and a plain ``SFTTrainer`` + ``LoraConfig`` script.
+
+Each gets a ``cuda_oom`` injected at step 3 (after checkpoint-2), resumes, and must end with the
+degraded knob in the child's *own* saved arguments (``training_args.bin``, ``adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oomguard.protocol import read_jsonl
+from oomguard.recipes import default
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+BIN = Path(sys.executable).parent
+POLICY = HERE / "policies" / "wrap.yaml"  # cuda_oom: batch 4 -> 2, accumulation 1 -> 2
+LORA_POLICY = HERE / "policies" / "wrap_lora.yaml"  # cuda_oom: lora_r 8 -> 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return default.ensure_default_model(tmp_path_factory.mktemp("oomguard-cache"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    shutil.copyfile(default.default_dataset_path(), path / "train.jsonl")
+    return path
+
+
+def oomguard_run(run_dir: Path, policy: Path, *command: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                "TOKENIZERS_PARALLELISM": "false"})
+    cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir), "--quiet",
+           "--inject", "cuda_oom@step=3", "--", *command]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, f"oomguard run failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n" + \
+        "".join(p.read_text()[-3000:] for p in sorted(run_dir.glob("attempts/*/stderr.log")))
+    return proc
+
+
+def recovered(run_dir: Path) -> tuple[dict, list[dict]]:
+    """run.json and events after one injected OOM and one resumed, successful attempt."""
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "succeeded"
+    first, second = run["attempts"]
+    assert first["failure"]["kind"] == "cuda_oom" and first["failure"]["step"] == 2
+    assert second["failure"] is None and second["resumed_from"].endswith("checkpoint-2")
+    return run, list(read_jsonl(run_dir / "events.jsonl"))
+
+
+def of(events: list[dict], name: str, attempt: int | None = None) -> list[dict]:
+    return [e for e in events if e["event"] == name and (attempt is None or e.get("attempt") == attempt)]
+
+
+def saved_args(path: Path):
+    import torch
+
+    return torch.load(path, weights_only=False)
+
+
+def knob_paths(event: dict) -> dict[str, str]:
+    return {k["field"]: k["via"] for k in event["knobs"]}
+
+
+def test_trl_sft_cli(tmp_path, model_dir, data_dir):
+    out = tmp_path / "out"
+    oomguard_run(tmp_path / "run", POLICY, str(BIN / "trl"), "sft", "--model_name_or_path", str(model_dir),
+                 "--dataset_name", str(data_dir), "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
+                 "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2",
+                 "--per_device_train_batch_size", "4", "--max_length", "64", "--use_cpu", "--report_to", "none",
+                 "--logging_steps", "1", "--learning_rate", "1e-3", "--dataloader_num_workers", "0")
+    run, events = recovered(tmp_path / "run")
+    assert of(events, "attempt_started", 1)[0]["launch"]["launcher"] == "trl"
+    # the batch reached the child as a rewritten flag, accumulation (not in the command) in-process
+    assert run["attempts"][1]["delivered"]["per_device_train_batch_size"] == "flag"
+    paths = knob_paths(of(events, "bootstrap_trainer", 2)[0])
+    assert paths["per_device_train_batch_size"] == "flag" and paths["gradient_accumulation_steps"] == "in_process"
+    assert [e["bootstrap"] for e in of(events, "attempt_ended")] == ["in_process", "in_process"]
+    for saved in (out / "checkpoint-4" / "training_args.bin", out / "training_args.bin"):  # checkpoint, final
+        args = saved_args(saved)
+        assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
+        assert args.auto_find_batch_size is False
+
+
+def test_accelerate_launch_of_a_plain_trainer_script(tmp_path):
+    run_dir = tmp_path / "run"
+    oomguard_run(run_dir, POLICY, str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",
+                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4")
+    run, events = recovered(run_dir)
+    assert of(events, "attempt_started", 1)[0]["launch"] == {
+        "launcher": "accelerate", "delivery": "bootstrap", "reason": "accelerate: bootstrap on PYTHONPATH"}
+    # the script hard-codes its output_dir: checkpoints went where the supervisor resumes from
+    trainer_event = of(events, "bootstrap_trainer", 2)[0]
+    assert trainer_event["output_dir"]["new"] == run["checkpoint_dir"]
+    assert knob_paths(trainer_event)["per_device_train_batch_size"] == "in_process"
+    args = saved_args(Path(run["checkpoint_dir"]) / "checkpoint-4" / "training_args.bin")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
+    # the script's own auto_find_batch_size=True ran off, and the journal says so on every attempt
+    assert args.auto_find_batch_size is False
+    assert [e["attempt"] for e in of(events, "bootstrap_trainer") if e["auto_find_batch_size_forced_off"]] == [1, 2]
+    assert len(of(events, "auto_find_batch_size_off")) == 2
+
+
+def test_plain_sft_script_with_lora_config_gets_the_new_rank(tmp_path, model_dir, data_dir):
+    out = tmp_path / "out"
+    oomguard_run(tmp_path / "run", LORA_POLICY, sys.executable, str(HERE / "_wrap_sft_script.py"), str(model_dir),
+                 str(data_dir / "train.jsonl"), str(out), "4")
+    run, events = recovered(tmp_path / "run")
+    assert run["config"]["lora_r"] == 4
+    lora = of(events, "bootstrap_lora")
+    assert [(e["r"]["old"], e["r"]["new"], e["via"]) for e in lora] == [(8, 8, "unchanged"), (8, 4, "in_process")]
+    final = json.loads((out / "adapter_config.json").read_text())  # the script's own save_model
+    resumed = json.loads((Path(run["checkpoint_dir"]) / "checkpoint-4" / "adapter_config.json").read_text())
+    assert final["r"] == resumed["r"] == 4 and final["lora_alpha"] == 16
+    assert saved_args(out / "training_args.bin").max_length == 64
