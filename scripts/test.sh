@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
-.venv/bin/python -m pytest -q "$@"
+# two workers (CI has 2 cores); a file's tests stay on one worker
+.venv/bin/python -m pytest -q -n "${OOMGUARD_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
