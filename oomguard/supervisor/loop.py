@@ -31,6 +31,10 @@ from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan
 from .progress import ProgressTail
 from .spec import RunSpec
 
+# child events whose ``step`` is a completed optimizer step (nan_detected and fault_injected
+# name the step being attempted, so they are not progress)
+COMPLETED_STEP_EVENTS = frozenset({"step", "memory", "checkpoint_saved", "emergency_save", "cache_cleared",
+                                   "pressure_save", "shutdown_saved", "error_recorded"})
 GIVE_UP_EXIT = {GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
                 GiveUpReason.UNRECOVERABLE: ExitCode.CHILD_FAILED}
 
@@ -219,7 +223,7 @@ def _failure_dict(failure: Failure | None) -> dict[str, Any] | None:
 
 def _max_step(spec: RunSpec, journal: Journal, attempt: AttemptRecord, records: list) -> int | None:
     steps = [r.step for r in records if r.step is not None]
-    steps += [e["step"] for e in journal.events() if e.get("source") != "supervisor"
+    steps += [e["step"] for e in journal.events() if e.get("event") in COMPLETED_STEP_EVENTS
               and e.get("time", 0) >= attempt.started and isinstance(e.get("step"), int)]
     steps += [c.step for c in scan_checkpoints(spec.checkpoint_dir)
               if c.complete and _mtime(c.path) >= attempt.started]
