@@ -300,4 +300,4 @@ def find_oom(text: str) -> str | None:
 ENV_BOOTSTRAP = "OOMGUARD_BOOTSTRAP"  # "0"/"off"/"false": no PYTHONPATH injection, nothing patched
 ENV_BOOTSTRAP_SKIP = "OOMGUARD_BOOTSTRAP_SKIP"  # comma list of parts to leave alone, e.g. "knobs,resume"
 ENV_DELIVERED = "OOMGUARD_DELIVERED"  # JSON knob -> "flag" | "appended" | "placeholder" | "env" (command build)
-EVENT_BOOTSTRAP_TRAINER = "bootstrap_trainer"  # the child patched a Trainer it built (rank 0 writes it)
+EVENT_BOOTSTRAP_TRAINER = "bootstrap_trainer"  # the child patched a Trainer it built (each rank writes one)

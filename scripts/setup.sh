@@ -15,7 +15,8 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # torch first, pinned: on CPU machines this takes the local CPU build instead of a
     # multi-GB CUDA one; a machine that already has a torch keeps it.
-    "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==${OOMGUARD_TORCH:-2.13.0}"
-    "$VENV/bin/pip" install -q -e ".[test]"
+    quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
+    "$VENV/bin/python" -c "import torch" 2>/dev/null || quiet "$VENV/bin/pip" install -q "torch==${OOMGUARD_TORCH:-2.13.0}"
+    quiet "$VENV/bin/pip" install -q -e ".[test]"
     echo "$want" > "$stamp"
 fi

@@ -46,6 +46,14 @@ class Context:
 
         return Journal(self.env.run_dir if self.env.rank == 0 else None, self.env.rank)
 
+    @property
+    def rank_journal(self):
+        """Every rank writes here, tagged with its rank: the per-rank banner (``bootstrap_trainer``)
+        shows that all ranks of a torchrun/accelerate group run with the same knobs."""
+        from oomguard.guard.journal import Journal
+
+        return Journal(self.env.run_dir, self.env.rank)
+
     def first_sight(self, obj: Any) -> bool:
         """True the first time ``obj`` (a LoRA config) is seen in this process."""
         held = self._seen.get(id(obj))

@@ -87,11 +87,18 @@ def _journal_trainer(ctx: "Context", trainer: Any, record: "ArgsRecord", callbac
                      detail="the script set auto_find_batch_size=True; oomguard turned it off because the "
                             "supervisor owns batch-size changes and two adapters fight (DESIGN §5). "
                             f"To keep it, set {protocol.ENV_BOOTSTRAP_SKIP}=knobs.")
-    journal.emit(protocol.EVENT_BOOTSTRAP_TRAINER, trainer=type(trainer).__name__,
-                 args_class=type(trainer.args).__name__, attempt=ctx.env.attempt, world_size=ctx.env.world_size,
-                 knobs=[c.to_dict() for c in record.changes], not_applied=[s.to_dict() for s in record.skipped],
-                 auto_find_batch_size_forced_off=record.auto_find_forced_off, output_dir=record.output_dir,
-                 callbacks=callbacks, lora=list(ctx.lora), skip=sorted(p.value for p in ctx.switches.skip))
+    ctx.rank_journal.emit(  # every rank: the banner that shows all ranks run the same knobs
+        protocol.EVENT_BOOTSTRAP_TRAINER, trainer=type(trainer).__name__, args_class=type(trainer.args).__name__,
+        attempt=ctx.env.attempt, world_size=ctx.env.world_size, in_effect=_in_effect(trainer.args),
+        knobs=[c.to_dict() for c in record.changes], not_applied=[s.to_dict() for s in record.skipped],
+        auto_find_batch_size_forced_off=record.auto_find_forced_off, output_dir=record.output_dir,
+        callbacks=callbacks, lora=list(ctx.lora), skip=sorted(p.value for p in ctx.switches.skip))
+
+
+def _in_effect(args: Any) -> dict[str, Any]:
+    """The batch fields as this process's Trainer holds them (one banner per rank)."""
+    names = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_seq_length")
+    return {n: getattr(args, n) for n in names if isinstance(getattr(args, n, None), int)}
 
 
 def choose_resume(code_value: Any, supervisor: str | None, attempt: int) -> tuple[Any, Via | None]:

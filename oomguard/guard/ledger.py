@@ -13,6 +13,12 @@ the indices it hands out, in order; every micro-batch the trainer consumes takes
 ``batch size`` of them. Prefetching and dataloader workers do not matter: the stream's order
 is the consumption order. On a resume HF skips batches of the new sampler stream by drawing
 them; the callback starts its pointer past those.
+
+Each epoch's full sampler order is kept too, in ``rank<k>.orders.jsonl`` (one line per epoch and
+attempt), so a resume whose effective batch changed can continue at the exact next sample of the
+interrupted epoch (:mod:`oomguard.guard.position` sets :attr:`SampleLedgerCallback.resume_order`).
+The ``epoch`` of a step is the epoch whose order handed out its first sample (HF's own epoch count
+goes wrong once the effective batch changes).
 """
 
 from __future__ import annotations
@@ -53,6 +59,28 @@ def expand(runs: Iterable[Sequence[int]]) -> list[int]:
 
 def ledger_file(run_dir: str | Path, rank: int = 0) -> Path:
     return Path(run_dir) / protocol.LEDGER_DIR / f"rank{rank}.jsonl"
+
+
+def order_file(run_dir: str | Path, rank: int = 0) -> Path:
+    return Path(run_dir) / protocol.LEDGER_DIR / f"rank{rank}.orders.jsonl"
+
+
+def append_order(path: Path, *, epoch: int, attempt: int, order: Sequence[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    protocol.append_jsonl(path, {"epoch": epoch, "attempt": attempt, "order": compress(order)})
+
+
+def read_orders(path: str | Path) -> dict[int, tuple[int, ...]]:
+    """epoch -> the sampler order of that epoch (the newest attempt's record wins)."""
+    newest: dict[int, tuple[int, tuple[int, ...]]] = {}
+    for line in protocol.read_jsonl(path):
+        try:
+            epoch, attempt, order = int(line["epoch"]), int(line["attempt"]), tuple(expand(line["order"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if epoch not in newest or attempt >= newest[epoch][0]:
+            newest[epoch] = (attempt, order)
+    return {e: order for e, (_, order) in newest.items()}
 
 
 def append_step(path: Path, entry: StepSamples) -> None:
@@ -101,14 +129,22 @@ def remaining_in_epoch(order: Sequence[int], seen_this_epoch: Counter[int]) -> l
 
 
 class _RecordingSampler:
-    """Wraps a sampler: yields what it yields and appends each index to ``stream``."""
+    """Wraps a sampler: yields what it yields (or, once, the ledger's ``resume_order``) and appends
+    each index to the ledger's stream; a fresh epoch's full order goes to the orders file."""
 
-    def __init__(self, inner, stream: list[int]):
-        self._inner, self._stream = inner, stream
+    def __init__(self, inner, ledger: "SampleLedgerCallback"):
+        self._inner, self._ledger = inner, ledger
 
     def __iter__(self) -> Iterator[int]:
-        for i in self._inner:
-            self._stream.append(int(i))
+        ledger = self._ledger
+        epoch = ledger.begin_epoch()
+        if ledger.resume_order is not None:  # the rest of an interrupted epoch: its order is on file
+            order, ledger.resume_order = list(ledger.resume_order), None
+        else:
+            order = [int(i) for i in self._inner]  # an epoch's order is drawn up front by torch's samplers
+            ledger.record_order(epoch, order)
+        for i in order:
+            ledger.stream.append(i)
             yield i
 
     def __len__(self) -> int:
@@ -132,11 +168,30 @@ class SampleLedgerCallback(TrainerCallback):
 
     def __init__(self, run_dir: str | Path, *, rank: int = 0, attempt: int = 1):
         self.path = ledger_file(run_dir, rank)
+        self.orders_path = order_file(run_dir, rank)
         self.attempt = attempt
         self.stream: list[int] = []  # indices in the order the sampler handed them out
         self.pointer = 0  # how many of them the trainer has consumed
         self.pending: list[int] = []  # consumed by the step in progress
         self.epoch = 0
+        self.epoch_starts: list[tuple[int, int]] = []  # (offset in stream, epoch) per sampler pass
+        self.first_epoch = 0  # the epoch of this attempt's first sampler pass
+        self.resume_epoch: int | None = None  # set with resume_order: the epoch it continues
+        self.resume_order: list[int] | None = None  # yielded instead of the sampler's first pass
+
+    def begin_epoch(self) -> int:
+        """The epoch of a new sampler pass (the first pass is ``first_epoch``, each next one +1)."""
+        epoch = self.first_epoch + len(self.epoch_starts)
+        self.epoch_starts.append((len(self.stream), epoch))
+        return epoch
+
+    def record_order(self, epoch: int, order: Sequence[int]) -> None:
+        append_order(self.orders_path, epoch=epoch, attempt=self.attempt, order=order)
+
+    def epoch_at(self, offset: int) -> int | None:
+        """The epoch of the sample at ``offset`` in the stream (None before any pass)."""
+        found = [epoch for start, epoch in self.epoch_starts if start <= offset]
+        return found[-1] if found else None
 
     def consumed(self, n: int) -> None:
         taken = self.stream[self.pointer:self.pointer + n]
@@ -147,15 +202,21 @@ class SampleLedgerCallback(TrainerCallback):
         self.pointer += n
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if state.global_step > 0 and not args.ignore_data_skip and train_dataloader is not None:
-            # HF draws (and drops) the resumed epoch's trained batches from the new sampler stream
+        if self.resume_epoch is not None:
+            self.first_epoch = self.resume_epoch
+        elif state.global_step > 0 and train_dataloader is not None:
+            # HF resumes in epoch global_step // steps-per-epoch and, unless ignore_data_skip, draws
+            # (and drops) that epoch's trained batches from the new sampler stream
             batches = len(train_dataloader)
             ga = args.gradient_accumulation_steps
             per_epoch = max(batches // ga + int(batches % ga > 0), 1)
-            self.pointer = (state.global_step % per_epoch) * ga * args.per_device_train_batch_size
+            self.first_epoch = state.global_step // per_epoch
+            if not args.ignore_data_skip:
+                self.pointer = (state.global_step % per_epoch) * ga * args.per_device_train_batch_size
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.epoch = int(state.epoch or 0)
+        epoch = self.epoch_at(self.pointer)
+        self.epoch = epoch if epoch is not None else int(state.epoch or 0)
 
     def on_step_end(self, args, state, control, **kwargs):
         append_step(self.path, StepSamples(state.global_step, self.attempt, self.epoch, tuple(self.pending)))
@@ -174,7 +235,7 @@ def install_ledger(trainer, run_dir: str | Path, *, rank: int = 0, attempt: int 
             raise RuntimeError(f"oomguard ledger: cannot find the sampler of {type(loader).__name__}; "
                                "set OOMGUARD ledger off or use a map-style dataset with a sampler")
         if not isinstance(holder.sampler, _RecordingSampler):
-            holder.sampler = _RecordingSampler(holder.sampler, ledger.stream)
+            holder.sampler = _RecordingSampler(holder.sampler, ledger)
         return loader
 
     def training_step(model, inputs, *args, **kwargs):

@@ -8,6 +8,8 @@ a bootstrap that injects the guard into any HF ``Trainer`` should call it the sa
 
 What it does, the changes recorded as journal events:
 - under oomguard (a run dir), installs the sample ledger (:mod:`ledger`), on fresh runs too;
+- the effective batch changed: the data continues at the exact next sample (:mod:`position`);
+- ``max_length`` changed with packing on: HF's resume is not sample-exact there, and an event says so;
 - keeps the trainable parameters' dtype across the adapter load (PEFT upcasts bf16 to fp32);
 - ``lora_r``/``lora_alpha`` changed: the adapter is cut by truncated SVD (:mod:`lora_cut`), the
   optimizer state of the cut tensors is reset (entries dropped; the LR schedule is kept);
@@ -34,6 +36,7 @@ from oomguard.guard.env import GuardEnv
 from oomguard.guard.journal import Journal
 from oomguard.guard.ledger import install_ledger
 from oomguard.guard.lora_cut import AdapterCut, LoraCutError, cut_adapter
+from oomguard.guard.position import apply_position, state_packed_length_change
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,6 +87,10 @@ def prepare_resume(trainer, checkpoint: str | None, env: GuardEnv) -> str | None
         journal.emit("resume_cpu_first", checkpoint=str(source),
                      detail="the last attempt ran out of memory loading this checkpoint: optimizer state "
                             "is loaded to CPU first, then moved to the device tensor by tensor")
+    ledger = getattr(trainer, "_oomguard_ledger", None)
+    if ledger is not None:
+        apply_position(trainer, ledger, source, env.run_dir, env.rank, journal)
+    state_packed_length_change(trainer, source, journal)
     lora = _lora_change(trainer.model, source)
     drop_scaler = (source / SCALER).is_file() and not getattr(trainer.args, "fp16", False)
     if lora is None and not drop_scaler:

@@ -64,6 +64,14 @@ def _first_step_after(events: list[dict[str, Any]], t: float) -> float | None:
     return None
 
 
+def _failure_text(failure: dict[str, Any] | None, world_size: int) -> str | None:
+    """"rank 1: cuda_oom at step 3: <detail>" — the failing rank first when several processes ran."""
+    if not failure:
+        return None
+    text = f"{failure['kind']} at step {failure.get('step')}: {failure.get('detail', '')}"
+    return f"rank {failure.get('rank', 0)}: {text}" if world_size > 1 else text
+
+
 def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recovery]:
     out = []
     attempts = run.get("attempts", [])
@@ -87,9 +95,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     steps = [a.get("max_step") for a in run.get("attempts", []) if isinstance(a.get("max_step"), int)]
     end = run.get("ended") or run.get("updated") or run.get("started", 0)
     first_failure = next((a["failure"] for a in run.get("attempts", []) if a.get("failure")), None)
-    root = run.get("root_cause") or (
-        f"{first_failure['kind']} at step {first_failure.get('step')}: {first_failure.get('detail', '')}"
-        if first_failure else None)
+    root = run.get("root_cause") or _failure_text(first_failure, run.get("world_size", 1))
     skipped = tuple(sorted({e["path"] for e in events if e.get("event") == "checkpoint_skipped"}))
     return RunSummary(status=run["status"], exit_code=run.get("exit_code"), attempts=len(run.get("attempts", [])),
                       wall_s=end - run.get("started", end), root_cause=root, requested=run.get("requested", {}),

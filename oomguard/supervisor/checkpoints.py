@@ -8,6 +8,8 @@ file is as long as they say, torch's zip files (``optimizer.pt`` …) end in a c
 
 Checkpoints written after a NaN are quarantined: moved to ``<checkpoints>/quarantine/``
 (out of reach of a resume and of HF's ``save_total_limit`` rotation), named in the journal.
+An incomplete checkpoint that a resume skips is moved there too (``checkpoint-N.incomplete-<attempt>``):
+the resumed run writes ``checkpoint-N`` again, and HF would save into the old folder, leaving stale files.
 """
 
 from __future__ import annotations
@@ -143,15 +145,32 @@ def quarantine_after(directory: str | Path | None, last_good_step: int) -> list[
     for scan in scan_checkpoints(directory):
         if scan.step <= last_good_step:
             continue
-        target = Path(directory) / QUARANTINE_DIR / scan.path.name  # type: ignore[arg-type]
-        n = 1
-        while target.exists():  # the same step quarantined before (a second NaN): keep both
-            n += 1
-            target = target.with_name(f"{scan.path.name}.{n}")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = _quarantine_target(Path(directory), scan.path.name)  # type: ignore[arg-type]
         scan.path.rename(target)
         moved.append(Quarantined(step=scan.step, path=scan.path, moved_to=target))
     return moved
+
+
+def _quarantine_target(directory: Path, name: str) -> Path:
+    """A free path ``<directory>/quarantine/<name>`` (``.2``, ``.3`` … when taken: keep both)."""
+    target = directory / QUARANTINE_DIR / name
+    n = 1
+    while target.exists():  # the same step quarantined before (a second NaN): keep both
+        n += 1
+        target = target.with_name(f"{name}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def move_aside_incomplete(scan: CheckpointScan, attempt: int) -> Path:
+    """Move a skipped (incomplete) checkpoint to ``quarantine/checkpoint-N.incomplete-<attempt>``. Never deletes.
+
+    ``attempt`` is the last attempt that ran before the checkpoint was found incomplete.
+    Raises OSError when the move fails (the caller journals it).
+    """
+    target = _quarantine_target(scan.path.parent, f"{scan.path.name}.incomplete-{attempt}")
+    scan.path.rename(target)
+    return target
 
 
 def quarantine_after_nan(directory: str | Path | None, error_file: Path, failed_step: int | None,

@@ -1,8 +1,10 @@
 """Turn how a child ended into a Failure (or None for success). Pure.
 
 Evidence in order of trust (DESIGN §4): the child's own error record (root cause = the
-earliest rank's; it wins even over our hang kill), our own hang kill, a SIGKILL while host memory was near full, an OOM
-message in stderr, then anything else is a crash. A crash that is a full disk (or a file
+earliest rank's that is not a peer-lost symptom, ``ranks.root_record``; it wins even over
+our hang kill), our own hang kill, a SIGKILL while host memory was near full (of the child,
+or of the worker a launcher names as its first failure), an OOM message in stderr, a
+peer-lost record, then anything else is a crash. A crash that is a full disk (or a file
 size or quota limit) says so first: no rung helps, freeing space does.
 """
 
@@ -16,6 +18,7 @@ from typing import Sequence
 from ..policy import Failure
 from ..protocol import ErrorRecord, FailureKind, Phase, find_oom
 from .process import ChildOutcome
+from .ranks import first_failed_worker, heartbeat_note, peer_lost, root_record
 
 
 # What a write to a full disk looks like from Python (OSError), safetensors (Rust io error)
@@ -74,18 +77,26 @@ def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_
     """None when the child succeeded. ``last_step``: the newest step seen (heartbeat/checkpoints)."""
     if outcome.exit_code == 0 and not outcome.hung:
         return None
-    if records:  # before the hang check: a child that wrote its record and then went quiet
-        # (emergency save, torch teardown) was already dying of what the record says
-        return _disk_full(_from_record(records[0]), records[0].traceback)
+    root = root_record(records)
+    if root is not None and not peer_lost(root):  # before the hang check: a child that wrote its record
+        # and then went quiet (emergency save, torch teardown) was already dying of what the record says
+        return _disk_full(_from_record(root), root.traceback)
     if outcome.hung:
         return Failure(kind=FailureKind.HANG, step=last_step, phase=Phase.UNKNOWN,
-                       detail="no heartbeat within hang_timeout_s; the process group was killed")
-    if outcome.signal == _signal.SIGKILL and outcome.host_mem_peak_percent >= host_oom_percent:
-        return Failure(kind=FailureKind.HOST_OOM, step=last_step, detail=(
+                       detail="no heartbeat within hang_timeout_s; the process group was killed"
+                       + heartbeat_note(outcome.heartbeat_ages))
+    worker = first_failed_worker(outcome.stderr_tail)  # a launcher's own report, when no record says more
+    rank = worker.rank if worker else (root.rank if root else 0)
+    killed = outcome.signal or (worker.signal if worker else None)
+    if killed == _signal.SIGKILL and outcome.host_mem_peak_percent >= host_oom_percent:
+        return Failure(kind=FailureKind.HOST_OOM, step=last_step, rank=rank, detail=(
             f"SIGKILL while host memory was {outcome.host_mem_peak_percent:.0f}% used "
             f"(threshold {host_oom_percent:.0f}%): the kernel's OOM killer, most likely"))
     oom_line = find_oom(outcome.stderr_tail)
     if oom_line:
-        return Failure(kind=FailureKind.CUDA_OOM, step=last_step, detail=oom_line[:500])
-    crash = Failure(kind=FailureKind.CRASH, step=last_step, detail=_crash_detail(outcome))
+        return Failure(kind=FailureKind.CUDA_OOM, step=last_step, rank=rank, detail=oom_line[:500])
+    if root is not None:  # only a peer-lost symptom was recorded: still the best words we have
+        return _disk_full(_from_record(root), root.traceback)
+    detail = _crash_detail(outcome) if worker is None else f"{worker.describe()}; {_crash_detail(outcome)}"
+    crash = Failure(kind=FailureKind.CRASH, step=last_step, rank=rank, detail=detail[:800])
     return _disk_full(crash, outcome.stderr_tail)

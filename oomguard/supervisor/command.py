@@ -175,14 +175,30 @@ def build_command(argv: Sequence[str], knobs: Mapping[str, Any], specs: Mapping[
     return BuiltCommand(argv=tuple(out), delivered=delivered)
 
 
+TORCHRUN_NPROC_FLAGS = ("--nproc_per_node", "--nproc-per-node")
+TORCHRUN_NNODES_FLAGS = ("--nnodes",)
+ACCELERATE_NPROC_FLAGS = ("--num_processes", "--num-processes")
+
+
+def _count(raw: str | None) -> int | None:
+    """``"2"`` -> 2; torchrun's elastic ``"1:4"`` -> 4 (the most it may run); else None."""
+    if raw is None:
+        return None
+    top = raw.rpartition(":")[2]
+    return int(top) if top.isdigit() and int(top) > 0 else None
+
+
 def world_size_of(argv: Sequence[str]) -> int:
-    """Processes a launcher starts (torchrun/accelerate), 1 for a plain command."""
-    for names in (("--nproc_per_node", "--nproc-per-node"), ("--num_processes", "--num-processes")):
-        raw = read_flag(argv, names)
-        if raw and raw.isdigit():
-            nnodes = read_flag(argv, ("--nnodes", "--num_machines", "--num-machines")) or "1"
-            return int(raw) * (int(nnodes) if nnodes.isdigit() else 1)
-    return 1
+    """Processes a launcher starts over all nodes, 1 for a plain command.
+
+    torchrun's ``--nproc_per_node`` is per node (× ``--nnodes``); accelerate's ``--num_processes``
+    is already the total over ``--num_machines`` (accelerate divides it per machine). A value
+    oomguard cannot count (``--nproc_per_node gpu``/``auto``, a config file) reads as 1.
+    """
+    torchrun = _count(read_flag(argv, TORCHRUN_NPROC_FLAGS))
+    if torchrun is not None:
+        return torchrun * (_count(read_flag(argv, TORCHRUN_NNODES_FLAGS)) or 1)
+    return _count(read_flag(argv, ACCELERATE_NPROC_FLAGS)) or 1
 
 
 def output_dir_of(argv: Sequence[str]) -> str | None:

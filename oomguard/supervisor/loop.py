@@ -16,12 +16,12 @@ import psutil
 
 from ..errors import ExitCode
 from ..policy import (AttemptView, CheckpointInfo, DataProfile, Decision, Failure, GiveUpReason, RungRef,
-                      decide)
+                      decide, effective_batch)
 from ..protocol import (ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
                         ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
                         KNOBS_JSON, POLICY_COPY, FailureKind, RunStatus, atomic_write_json,
                         read_error_records)
-from .checkpoints import CheckpointScan, quarantine_after_nan, scan_checkpoints
+from .checkpoints import CheckpointScan, move_aside_incomplete, quarantine_after_nan, scan_checkpoints
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
@@ -29,7 +29,9 @@ from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
 from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
 from .progress import ProgressTail
+from .ranks import rank_records, root_cause_text
 from .spec import RunSpec
+from .tree import run_processes, stop_processes
 
 # child events whose ``step`` is a completed optimizer step (nan_detected and fault_injected
 # name the step being attempted, so they are not progress)
@@ -83,7 +85,14 @@ def _close_abandoned(spec: RunSpec, journal: Journal, attempt: AttemptRecord) ->
     """The previous supervisor died (SIGKILL, power) mid-attempt: its run.json says ``running``
     and the attempt never ended. Its child got SIGTERM (PR_SET_PDEATHSIG) and saved; whatever
     is left of the group is stopped before a new child may touch the checkpoints."""
-    orphan = reap_orphan(attempt.pid, attempt.pid_started, _watch(spec, journal).grace_s) if attempt.pid else None
+    grace_s = _watch(spec, journal).grace_s
+    orphan = reap_orphan(attempt.pid, attempt.pid_started, grace_s) if attempt.pid else None
+    ranks = run_processes(spec.run_dir)  # a launcher's ranks lead their own groups (supervisor/tree.py)
+    if ranks:
+        killed = stop_processes(ranks, grace_s)
+        orphan = (orphan + "; " if orphan else "") + (
+            f"{len(ranks)} more process(es) of this run dir were still running (pids "
+            f"{', '.join(str(p.pid) for p in ranks)}); {killed} needed SIGKILL")
     attempt.ended = time.time()
     attempt.interrupted = "supervisor died"
     attempt.max_step = _max_step(spec, journal, attempt, [])
@@ -158,12 +167,22 @@ def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume
     record.attempts.append(attempt)
     atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
     journal.save()
+    batch = _global_batch(attempt.knobs, spec.world_size)  # what the batch rung keeps constant
     journal.event("attempt_started", attempt=n, knobs=attempt.knobs, rung=attempt.rung,
                   resumed_from=resume, command=attempt.command, delivered=attempt.delivered,
-                  launch=launch_plan(attempt.command).to_dict())
+                  world_size=spec.world_size, effective_batch=batch, launch=launch_plan(attempt.command).to_dict())
     _say(spec, f"attempt {n}: " + " ".join(f"{k}={v}" for k, v in attempt.knobs.items())
+         + (f" · {spec.world_size} processes, global effective batch {batch}" if spec.world_size > 1 else "")
          + (f" · resuming from {Path(resume).name}" if resume else ""))
     return attempt
+
+
+def _global_batch(knobs: dict[str, Any], world_size: int) -> int | None:
+    """per-device batch × accumulation × world size; None when the knobs do not say."""
+    try:
+        return effective_batch(knobs, world_size)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> dict[str, str]:
@@ -198,12 +217,14 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
     journal.save()
     journal.event("attempt_ended", attempt=attempt.n, exit_code=outcome.exit_code, signal=outcome.signal,
                   duration_s=round(outcome.duration_s, 2), failure=attempt.failure, max_step=attempt.max_step,
-                  interrupted_by=outcome.interrupted_by, ranks=[r.rank for r in records],
+                  interrupted_by=outcome.interrupted_by, world_size=spec.world_size,
+                  root_cause=root_cause_text(attempt.failure, spec.world_size), ranks=rank_records(records),
                   bootstrap=bootstrap_outcome(launch_plan(attempt.command).delivery.value, journal.events(),
                                               attempt.started),
                   supervisor=_own_footprint())
     if failure is not None:
-        _say(spec, f"attempt {attempt.n} failed: {failure.kind.value} at step {failure.step} "
+        on_rank = f" on rank {failure.rank}" if spec.world_size > 1 else ""
+        _say(spec, f"attempt {attempt.n} failed{on_rank}: {failure.kind.value} at step {failure.step} "
              f"({failure.phase.value}): {failure.detail}")
     return failure
 
@@ -242,7 +263,19 @@ def _usable_checkpoints(spec: RunSpec, journal: Journal) -> list[CheckpointScan]
     scans = scan_checkpoints(spec.checkpoint_dir)
     for bad in (s for s in scans if not s.complete):
         journal.event("checkpoint_skipped", path=str(bad.path), step=bad.step, problems=list(bad.problems))
+        _move_aside(journal, bad)  # issue 5
     return [s for s in scans if s.complete]
+
+
+def _move_aside(journal: Journal, bad: CheckpointScan) -> None:
+    """A resumed run would save into the skipped folder again and its stale files could survive."""
+    try:
+        moved = move_aside_incomplete(bad, len(journal.record.attempts))
+    except OSError as exc:
+        journal.event("checkpoint_moved_aside", path=str(bad.path), step=bad.step, moved_to=None,
+                      error=f"{exc}: move it out of the checkpoint dir by hand before a resume rewrites it")
+        return
+    journal.event("checkpoint_moved_aside", path=str(bad.path), step=bad.step, moved_to=str(moved))
 
 
 def _resume_point(journal: Journal, spec: RunSpec, _failure: Failure | None) -> str | None:

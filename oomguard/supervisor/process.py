@@ -16,6 +16,8 @@ from typing import IO, Callable, Mapping, Sequence
 import psutil
 
 from ..protocol import HEARTBEAT, STDERR_LOG, STDOUT_LOG
+from .ranks import rank_of_heartbeat
+from .tree import ProcessTree
 
 POLL_S = 0.2
 TAIL_LINES = 200
@@ -55,6 +57,7 @@ class ChildOutcome:
     host_mem_peak_percent: float  # over the last HOST_MEM_WINDOW_S before exit
     stderr_tail: str
     pids: frozenset[int]  # every pid seen in the child's tree (for GPU-release checks)
+    heartbeat_ages: dict[int, float] = dataclasses.field(default_factory=dict)  # rank -> s, when hung
 
 
 def _set_parent_death_signal() -> None:
@@ -105,34 +108,42 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _stale_heartbeat(watch: Watch, since: float, now: float) -> bool:
-    """A heartbeat file touched during this attempt that has not moved for hang_timeout_s."""
-    if not watch.hang_timeout_s:
-        return False
+def _heartbeat_ages(watch: Watch, since: float, now: float) -> dict[int, float]:
+    """Seconds since each rank's heartbeat (``heartbeat``, ``heartbeat.rank<k>``) last moved, for
+    the files touched during this attempt (an older file is a previous attempt's)."""
+    ages = {}
     for hb in watch.heartbeat_dir.glob(f"{HEARTBEAT}*"):
+        rank = rank_of_heartbeat(hb.name)
         try:
             mtime = hb.stat().st_mtime
         except FileNotFoundError:
             continue
-        if mtime >= since and now - mtime > watch.hang_timeout_s:
-            return True
-    return False
+        if rank is not None and mtime >= since:
+            ages[rank] = now - mtime
+    return ages
 
 
-def _tree_pids(proc: psutil.Process) -> set[int]:
-    try:
-        return {proc.pid, *(c.pid for c in proc.children(recursive=True))}
-    except psutil.Error:
-        return {proc.pid}
+def _stale_heartbeat(watch: Watch, since: float, now: float) -> dict[int, float] | None:
+    """Every rank's heartbeat age when any rank's has not moved for hang_timeout_s, else None.
+    Per rank: one rank stuck (or blocked in a collective after its peer died) is a hang."""
+    if not watch.hang_timeout_s:
+        return None
+    ages = _heartbeat_ages(watch, since, now)
+    return ages if any(age > watch.hang_timeout_s for age in ages.values()) else None
 
 
-def _terminate(popen: subprocess.Popen, pgid: int, first: int, grace_s: float) -> None:
-    _kill_group(pgid, first)
+def _terminate(popen: subprocess.Popen, tree: ProcessTree, first: int, grace_s: float) -> None:
+    """``first`` to every group of the tree (a launcher's ranks lead groups of their own), up to
+    ``grace_s`` for the child *and* its ranks to end, then SIGKILL to whatever is left."""
+    tree.refresh()
+    tree.signal(first)
+    deadline = time.monotonic() + grace_s
     try:
         popen.wait(timeout=grace_s)  # the guard saves at the next step end, then exits
     except subprocess.TimeoutExpired:
         pass
-    _kill_group(pgid, signal.SIGKILL)
+    tree.wait(max(0.0, deadline - time.monotonic()))
+    tree.signal(signal.SIGKILL)
 
 
 def _hang_grace(watch: Watch) -> float:
@@ -203,22 +214,22 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
                                  preexec_fn=_set_parent_death_signal)
     if on_start is not None:
         on_start(popen.pid)
-    proc, pids = psutil.Process(popen.pid), {popen.pid}
+    tree = ProcessTree(popen.pid)
     mem: collections.deque = collections.deque()
-    hung = False
+    hung: dict[int, float] | None = None
     interrupted: int | None = None
     while popen.poll() is None:
         now = time.time()
         mem.append((now, psutil.virtual_memory().percent))
         while mem and now - mem[0][0] > HOST_MEM_WINDOW_S:
             mem.popleft()
-        pids |= _tree_pids(proc)
+        tree.refresh()
         if stop.is_set and interrupted is None:
             interrupted = stop.signum
-            _terminate(popen, popen.pid, stop.signum or signal.SIGTERM, watch.grace_s)
-        elif _stale_heartbeat(watch, started, now):
-            hung = True
-            _terminate(popen, popen.pid, signal.SIGTERM, _hang_grace(watch))
+            _terminate(popen, tree, stop.signum or signal.SIGTERM, watch.grace_s)
+        elif (stale := _stale_heartbeat(watch, started, now)) is not None:
+            hung = stale
+            _terminate(popen, tree, signal.SIGTERM, _hang_grace(watch))
         elif on_tick is not None:
             on_tick()
         for echo in echoes:
@@ -227,12 +238,13 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
             popen.wait(timeout=POLL_S)  # returns at once when the child ends: no idle poll
         except subprocess.TimeoutExpired:
             pass
-    _kill_group(popen.pid, signal.SIGKILL)  # stragglers a launcher left behind
+    tree.signal(signal.SIGKILL)  # stragglers a launcher left behind, in its group or their own
     for echo in echoes:
         echo.pump()
     rc = popen.returncode
     return ChildOutcome(
-        exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, hung=hung,
+        exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, hung=hung is not None,
         interrupted_by=interrupted, duration_s=time.monotonic() - t0,
         host_mem_peak_percent=max((p for _, p in mem), default=0.0),
-        stderr_tail=_tail(err_path, err_start), pids=frozenset(pids))
+        stderr_tail=_tail(err_path, err_start), pids=tree.pids,
+        heartbeat_ages={r: round(a, 1) for r, a in (hung or {}).items()})

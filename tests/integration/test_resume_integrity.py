@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _recipe_run import ROOT, events, state
+from _recipe_run import ROOT, digest, events, state
 from oomguard.recipes import default
 
 pytestmark = pytest.mark.slow
@@ -64,6 +64,8 @@ def test_truncated_newest_checkpoint_is_skipped_and_named(cache, tmp_path):
     assert first.returncode == 5, first.stderr[-4000:]
     weights = out / "checkpoint-4" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a kill in the middle of the save
+    (out / "checkpoint-4" / "stale.bin").write_bytes(b"from a save the resumed run does not repeat")
+    damaged = digest(out / "checkpoint-4")
 
     second = supervise(cache, run_dir, out, inject="crash@step=5", max_steps=6, policy=policy)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -72,3 +74,8 @@ def test_truncated_newest_checkpoint_is_skipped_and_named(cache, tmp_path):
     skipped = [e for e in events(run_dir, "checkpoint_skipped") if e["path"] == str(out / "checkpoint-4")]
     assert skipped and "adapter_model.safetensors is truncated" in skipped[0]["problems"][0]
     assert state(out / "checkpoint-6")["global_step"] == 6
+    # moved aside before the relaunch, never deleted: the resumed run's checkpoint-4 holds no stale file
+    [moved] = [e for e in events(run_dir, "checkpoint_moved_aside") if e["path"] == str(out / "checkpoint-4")]
+    aside = out / "quarantine" / "checkpoint-4.incomplete-1"
+    assert moved["moved_to"] == str(aside) and digest(aside) == damaged
+    assert state(out / "checkpoint-4")["global_step"] == 4 and not (out / "checkpoint-4" / "stale.bin").exists()

@@ -51,7 +51,8 @@ def test_knobs_in_command_reads_request():
 
 def test_world_size_and_output_dir():
     assert world_size_of(["torchrun", "--nproc_per_node", "2", "t.py"]) == 2
-    assert world_size_of(["accelerate", "launch", "--num_processes=4", "--num_machines", "2", "t.py"]) == 8
+    # accelerate's --num_processes is the total over all machines (it divides it per machine)
+    assert world_size_of(["accelerate", "launch", "--num_processes=4", "--num_machines", "2", "t.py"]) == 4
     assert world_size_of(["python", "t.py"]) == 1
     assert output_dir_of(["x", "--output_dir", "/o"]) == "/o" and read_flag(["--flag"], ["--flag"]) == "true"
 

@@ -6,8 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oomguard import protocol
-from oomguard.guard.ledger import (SampleLedgerCallback, StepSamples, append_step, compress, expand, ledger_file,
-                                   read_ledger, remaining_in_epoch, samples_seen)
+from oomguard.guard.ledger import (SampleLedgerCallback, StepSamples, append_order, append_step, compress, expand,
+                                   ledger_file, order_file, read_ledger, read_orders, remaining_in_epoch,
+                                   samples_seen)
+from oomguard.guard.journal import Journal
+from oomguard.guard.position import (Batch, PositionUnknown, checkpoint_batch, packed_length_change, plan_position,
+                                     state_packed_length_change)
 
 
 @given(st.lists(st.integers(0, 50), max_size=60))
@@ -63,3 +67,105 @@ def test_callback_maps_consumption_onto_the_sampler_stream(tmp_path):
     cb.on_step_end(_Args(), _State(3, 0.6), None)
     [entry] = read_ledger(ledger_file(tmp_path))
     assert (entry.step, entry.attempt, entry.samples) == (3, 2, (112, 113, 114, 115, 116))
+
+
+# --- the position after an effective-batch change (guard/position.py) -------------------------
+def _entries(order, per_step, steps, epoch=0, attempt=1):
+    return [StepSamples(k + 1, attempt, epoch, tuple(order[k * per_step:(k + 1) * per_step])) for k in range(steps)]
+
+
+def test_plan_continues_at_the_next_unseen_sample_and_keeps_the_sample_budget():
+    order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5, 11, 10]
+    entries = _entries(order, 4, 2)  # steps 1-2 of epoch 0, 4 samples each
+    plan = plan_position(entries, {0: order}, step=2, old=Batch(1, 4), new=Batch(1, 2), max_steps=3,
+                         dataset_rows=len(order))
+    assert plan.remaining == tuple(order[8:])
+    assert (plan.seen_total, plan.seen_in_epoch, plan.epoch) == (8, 8, 0)
+    assert plan.max_steps == (3, 4)  # one step of 4 samples left = two steps of 2
+    assert plan.warnings == ()
+    assert plan.event()["effective_batch"] == [4, 2]
+
+
+def test_plan_ignores_steps_after_the_checkpoint_and_other_epochs():
+    first, second = list(range(8)), [5, 3, 1, 7, 0, 2, 6, 4]
+    entries = _entries(first, 4, 2) + [StepSamples(3, 1, 1, (5, 3)), StepSamples(4, 1, 1, (1, 7))]
+    # steps 1-2 (4 samples) filled epoch 0; steps 3-4 took 2 each in epoch 1; resume from step 3
+    plan = plan_position(entries, {0: first, 1: second}, step=3, old=Batch(2, 1), new=Batch(1, 1), max_steps=-1,
+                         dataset_rows=8)
+    assert plan.epoch == 1 and plan.remaining == (1, 7, 0, 2, 6, 4)
+    assert plan.max_steps is None and plan.seen_total == 10
+
+
+def test_plan_states_what_hf_cannot_do_exactly():
+    order = list(range(10))
+    plan = plan_position(_entries(order, 3, 1), {0: order}, step=1, old=Batch(3, 1), new=Batch(1, 2),
+                         max_steps=-1, dataset_rows=10)
+    assert len(plan.remaining) == 7 and any("short step" in w for w in plan.warnings)
+
+
+def test_plan_refuses_without_the_step_or_the_order():
+    import pytest
+
+    order = list(range(8))
+    with pytest.raises(PositionUnknown, match="no record of step 3"):
+        plan_position(_entries(order, 4, 2), {0: order}, step=3, old=Batch(4, 1), new=Batch(2, 1), max_steps=-1,
+                      dataset_rows=8)
+    with pytest.raises(PositionUnknown, match="no sampler order for epoch 0"):
+        plan_position(_entries(order, 4, 2), {}, step=2, old=Batch(4, 1), new=Batch(2, 1), max_steps=-1,
+                      dataset_rows=8)
+
+
+def test_orders_keep_the_newest_attempt_per_epoch(tmp_path):
+    path = order_file(tmp_path, 1)
+    append_order(path, epoch=0, attempt=1, order=[3, 1, 2])
+    append_order(path, epoch=1, attempt=1, order=[2, 3, 1])
+    append_order(path, epoch=1, attempt=2, order=[1, 2, 3])
+    assert read_orders(path) == {0: (3, 1, 2), 1: (1, 2, 3)}
+
+
+def test_sampler_passes_are_numbered_and_a_resume_order_replaces_the_first(tmp_path):
+    from oomguard.guard.ledger import _RecordingSampler
+
+    cb = SampleLedgerCallback(tmp_path, attempt=2)
+    cb.first_epoch, cb.resume_order = 3, [9, 8]
+    sampler = _RecordingSampler(range(4), cb)
+    assert list(sampler) == [9, 8] and list(sampler) == [0, 1, 2, 3]
+    assert cb.epoch_starts == [(0, 3), (2, 4)] and cb.epoch_at(1) == 3 and cb.epoch_at(2) == 4
+    assert read_orders(order_file(tmp_path)) == {4: (0, 1, 2, 3)}  # the resumed epoch's order stays on file
+
+
+def _args(**fields):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, **fields})
+
+
+def test_packed_length_change_only_when_packing_and_the_length_moved():
+    assert packed_length_change(_args(max_length=128), _args(max_length=64, packing=True)) == (128, 64)
+    assert packed_length_change(_args(max_length=128), _args(max_length=64, packing=False)) is None  # exact in HF
+    assert packed_length_change(_args(max_length=64), _args(max_length=64, packing=True)) is None
+    assert packed_length_change(None, _args(max_length=64, packing=True)) is None  # unreadable: nothing to say
+
+
+def test_a_repacked_resume_is_stated_in_the_journal(tmp_path):
+    import json
+
+    import torch
+
+    checkpoint, run_dir = tmp_path / "checkpoint-3", tmp_path / "run"
+    checkpoint.mkdir()
+    run_dir.mkdir()
+    torch.save(_args(max_length=128, packing=True), checkpoint / "training_args.bin")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    assert checkpoint_batch(checkpoint) == Batch(2, 2)
+
+    class FakeTrainer:
+        args = _args(max_length=64, packing=True)
+
+    assert state_packed_length_change(FakeTrainer(), checkpoint, Journal(run_dir)) == (128, 64)
+    events = list(protocol.read_jsonl(run_dir / protocol.EVENTS_JSONL))
+    [event] = [e for e in events if e["event"] == "resume_position_inexact"]
+    assert event["max_length"] == [128, 64] and event["step"] == 3 and "packing" in event["detail"]
+    FakeTrainer.args = _args(max_length=128, packing=True)
+    assert state_packed_length_change(FakeTrainer(), checkpoint, Journal(run_dir)) is None
+    assert len(list(protocol.read_jsonl(run_dir / protocol.EVENTS_JSONL))) == 1
