@@ -20,7 +20,7 @@ _KIND_WORDS = {
 }
 _RESUME_WORDS = {
     ResumeClass.SAFE: "",
-    ResumeClass.REINDEX: " (data position re-indexed by samples seen)",
+    ResumeClass.REINDEX: " (same samples per step, so the data position is exact; with packing the journal flags it inexact)",
     ResumeClass.TRANSFORM: " (checkpoint transformed to the new setting, e.g. LoRA rank cut by SVD)",
     ResumeClass.NUMERIC: " (numerically different from here on)",
 }

@@ -125,7 +125,8 @@ def render_text(s: RunSummary) -> str:
              f"{s.wall_s:.0f} s; last step {s.final_step if s.final_step is not None else '-'}; "
              f"exit code {s.exit_code}"]
     if s.root_cause:
-        lines.append(f"root cause: {s.root_cause}")
+        # one line: the child's detail can run on (the full text is in run.json / error.json)
+        lines.append(f"root cause: {s.root_cause.strip().splitlines()[0]}")
     for r in s.recoveries:
         cost = []
         if r.steps_redone is not None:

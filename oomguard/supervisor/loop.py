@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from ..errors import ExitCode
-from ..policy import (AttemptView, CheckpointInfo, DataProfile, Decision, Failure, GiveUpReason, RungRef,
+from ..policy import (CheckpointInfo, Decision, Failure, GiveUpReason, RungRef,
                       decide, effective_batch)
 from ..protocol import (ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
                         ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
@@ -25,6 +25,7 @@ from .checkpoints import CheckpointScan, move_aside_incomplete, quarantine_after
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
+from .history import attempt_views, data_profile, decision_dict, failure_dict
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
 from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
@@ -211,7 +212,7 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
     failure = None if outcome.interrupted_by is not None else classify(
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
     attempt.ended, attempt.exit_code, attempt.signal = time.time(), outcome.exit_code, outcome.signal
-    attempt.failure = _failure_dict(failure)
+    attempt.failure = failure_dict(failure)
     if outcome.interrupted_by is not None:
         attempt.interrupted = signal.Signals(outcome.interrupted_by).name
     journal.save()
@@ -233,13 +234,6 @@ def _own_footprint() -> dict[str, int]:
     """The supervisor's own resident memory (bytes) and open descriptors: a soak checks both stay flat."""
     me = psutil.Process()
     return {"rss": me.memory_info().rss, "fds": me.num_fds()}
-
-
-def _failure_dict(failure: Failure | None) -> dict[str, Any] | None:
-    if failure is None:
-        return None
-    return {"kind": failure.kind.value, "step": failure.step, "phase": failure.phase.value,
-            "detail": failure.detail, "rank": failure.rank}
 
 
 def _max_step(spec: RunSpec, journal: Journal, attempt: AttemptRecord, records: list) -> int | None:
@@ -283,32 +277,6 @@ def _resume_point(journal: Journal, spec: RunSpec, _failure: Failure | None) -> 
     return str(usable[0].path) if usable else None
 
 
-def _profile(journal: Journal) -> DataProfile | None:
-    found = [e for e in journal.events() if e.get("event") == "data_profile"]
-    if not found:
-        return None
-    e = found[-1]
-    return DataProfile(count=int(e["count"]), quantiles=tuple((float(q), int(v)) for q, v in e["quantiles"]),
-                       max_len=int(e["max_len"]))
-
-
-def _views(record: RunRecord) -> list[AttemptView]:
-    views = []
-    for a in record.attempts:
-        f = a.failure
-        failure = Failure(kind=FailureKind(f["kind"]), step=f.get("step"), phase=_phase(f.get("phase")),
-                          detail=f.get("detail", ""), rank=f.get("rank", 0)) if f else None
-        rung = RungRef(ladder=FailureKind(a.rung["ladder"]), index=a.rung["index"]) if a.rung else None
-        views.append(AttemptView(n=a.n, knobs=a.knobs, rung=rung, failure=failure, max_step=a.max_step))
-    return views
-
-
-def _phase(value: str | None):
-    from ..protocol import Phase
-
-    return Phase(value) if value else Phase.UNKNOWN
-
-
 def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
     if failure.kind is FailureKind.NAN_LOSS:  # issue 5: checkpoints written after the NaN move aside
         quarantine_after_nan(spec.checkpoint_dir, journal.attempt_dir(len(journal.record.attempts)) / ERROR_JSON,
@@ -317,24 +285,14 @@ def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
     bf16_ok = None
     if spec.gpu is not None and spec.gpu.compute_capability:
         bf16_ok = tuple(spec.gpu.compute_capability) >= (8, 0)
-    decision = decide(spec.policy, _views(journal.record), [CheckpointInfo(str(c.path), c.step) for c in usable],
-                      profile=_profile(journal), elapsed_s=time.time() - journal.record.started,
+    decision = decide(spec.policy, attempt_views(journal.record), [CheckpointInfo(str(c.path), c.step) for c in usable],
+                      profile=data_profile(journal.events()), elapsed_s=time.time() - journal.record.started,
                       world_size=spec.world_size, bf16_ok=bf16_ok)
-    journal.record.attempts[-1].decision = _decision_dict(decision)
+    journal.record.attempts[-1].decision = decision_dict(decision)
     journal.save()
-    journal.event("decision", attempt=len(journal.record.attempts), **_decision_dict(decision))
+    journal.event("decision", attempt=len(journal.record.attempts), **decision_dict(decision))
     _say(spec, decision.reason)
     return decision
-
-
-def _decision_dict(d: Decision) -> dict[str, Any]:
-    return {"action": d.action, "reason": d.reason, "knobs": dict(d.knobs),
-            "rung": {"ladder": d.rung.ladder.value, "index": d.rung.index} if d.rung else None,
-            "changes": [{"knob": c.knob, "old": c.old, "new": c.new} for c in d.changes],
-            "resume_from": d.resume_from, "resume_class": d.resume_class.value if d.resume_class else None,
-            "give_up": d.give_up.value if d.give_up else None, "backoff_s": d.backoff_s,
-            "truncation_share": d.truncation_share, "effective_batch": list(d.effective_batch) if d.effective_batch else None,
-            "lr_note": d.lr_note}
 
 
 def _between_attempts(spec: RunSpec, journal: Journal, outcome: ChildOutcome, decision: Decision,

@@ -1,6 +1,5 @@
 """The precision rung: an fp16 checkpoint (with scaler.pt) resumes in bf16; bf16 is refused without support."""
 
-import shutil
 
 import pytest
 import torch

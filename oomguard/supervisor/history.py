@@ -1,0 +1,54 @@
+"""The run record as the pure policy sees it, and back: journal dicts <-> policy records.
+
+Pure functions (no I/O): ``run.json`` keeps plain JSON, ``decide()`` takes frozen records.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..policy import AttemptView, DataProfile, Decision, Failure, RungRef
+from ..protocol import FailureKind, Phase
+from .journal import RunRecord
+
+
+def failure_dict(failure: Failure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    return {"kind": failure.kind.value, "step": failure.step, "phase": failure.phase.value,
+            "detail": failure.detail, "rank": failure.rank}
+
+
+def data_profile(events: Iterable[dict[str, Any]]) -> DataProfile | None:
+    """The newest ``data_profile`` event the child wrote, as the policy's record."""
+    found = [e for e in events if e.get("event") == "data_profile"]
+    if not found:
+        return None
+    e = found[-1]
+    return DataProfile(count=int(e["count"]), quantiles=tuple((float(q), int(v)) for q, v in e["quantiles"]),
+                       max_len=int(e["max_len"]))
+
+
+def attempt_views(record: RunRecord) -> list[AttemptView]:
+    views = []
+    for a in record.attempts:
+        f = a.failure
+        failure = Failure(kind=FailureKind(f["kind"]), step=f.get("step"), phase=phase_of(f.get("phase")),
+                          detail=f.get("detail", ""), rank=f.get("rank", 0)) if f else None
+        rung = RungRef(ladder=FailureKind(a.rung["ladder"]), index=a.rung["index"]) if a.rung else None
+        views.append(AttemptView(n=a.n, knobs=a.knobs, rung=rung, failure=failure, max_step=a.max_step))
+    return views
+
+
+def phase_of(value: str | None) -> Phase:
+    return Phase(value) if value else Phase.UNKNOWN
+
+
+def decision_dict(d: Decision) -> dict[str, Any]:
+    return {"action": d.action, "reason": d.reason, "knobs": dict(d.knobs),
+            "rung": {"ladder": d.rung.ladder.value, "index": d.rung.index} if d.rung else None,
+            "changes": [{"knob": c.knob, "old": c.old, "new": c.new} for c in d.changes],
+            "resume_from": d.resume_from, "resume_class": d.resume_class.value if d.resume_class else None,
+            "give_up": d.give_up.value if d.give_up else None, "backoff_s": d.backoff_s,
+            "truncation_share": d.truncation_share, "effective_batch": list(d.effective_batch) if d.effective_batch else None,
+            "lr_note": d.lr_note}
