@@ -143,6 +143,7 @@ class _RecordingSampler:
         else:
             order = [int(i) for i in self._inner]  # an epoch's order is drawn up front by torch's samplers
             ledger.record_order(epoch, order)
+        ledger.pass_ends.append(len(ledger.stream) + len(order))
         for i in order:
             ledger.stream.append(i)
             yield i
@@ -175,6 +176,7 @@ class SampleLedgerCallback(TrainerCallback):
         self.pending: list[int] = []  # consumed by the step in progress
         self.epoch = 0
         self.epoch_starts: list[tuple[int, int]] = []  # (offset in stream, epoch) per sampler pass
+        self.pass_ends: list[int] = []  # offset in stream where each sampler pass ends
         self.first_epoch = 0  # the epoch of this attempt's first sampler pass
         self.resume_epoch: int | None = None  # set with resume_order: the epoch it continues
         self.resume_order: list[int] | None = None  # yielded instead of the sampler's first pass
@@ -192,6 +194,12 @@ class SampleLedgerCallback(TrainerCallback):
         """The epoch of the sample at ``offset`` in the stream (None before any pass)."""
         found = [epoch for start, epoch in self.epoch_starts if start <= offset]
         return found[-1] if found else None
+
+    def rows_in_batch(self, batch_size: int) -> int:
+        """Rows of the next micro-batch when its tensors cannot tell (padding-free packing concatenates
+        the rows into one sequence): a full batch, or the rest of the sampler pass (its last batch)."""
+        end = next((e for e in self.pass_ends if e > self.pointer), self.pointer + batch_size)
+        return min(batch_size, end - self.pointer)
 
     def consumed(self, n: int) -> None:
         taken = self.stream[self.pointer:self.pointer + n]
@@ -239,7 +247,8 @@ def install_ledger(trainer, run_dir: str | Path, *, rank: int = 0, attempt: int 
         return loader
 
     def training_step(model, inputs, *args, **kwargs):
-        ledger.consumed(_batch_size(inputs))
+        padding_free = getattr(trainer, "padding_free", False)  # TRL's: the batch's rows are one sequence
+        ledger.consumed(ledger.rows_in_batch(trainer._train_batch_size) if padding_free else _batch_size(inputs))
         return step(model, inputs, *args, **kwargs)
 
     trainer.get_train_dataloader, trainer.training_step = get_train_dataloader, training_step

@@ -9,7 +9,8 @@ a bootstrap that injects the guard into any HF ``Trainer`` should call it the sa
 What it does, the changes recorded as journal events:
 - under oomguard (a run dir), installs the sample ledger (:mod:`ledger`), on fresh runs too;
 - the effective batch changed: the data continues at the exact next sample (:mod:`position`);
-- ``max_length`` changed with packing on: HF's resume is not sample-exact there, and an event says so;
+- ``max_length`` changed with packing on: the examples seen are mapped to the re-packed rows and the
+  unseen ones trained first (:mod:`position`); where that cannot be done, an event says so;
 - keeps the trainable parameters' dtype across the adapter load (PEFT upcasts bf16 to fp32);
 - ``lora_r``/``lora_alpha`` changed: the adapter is cut by truncated SVD (:mod:`lora_cut`), the
   optimizer state of the cut tensors is reset (entries dropped; the LR schedule is kept);
@@ -36,7 +37,7 @@ from oomguard.guard.env import GuardEnv
 from oomguard.guard.journal import Journal
 from oomguard.guard.ledger import install_ledger
 from oomguard.guard.lora_cut import AdapterCut, LoraCutError, cut_adapter
-from oomguard.guard.position import apply_position, state_packed_length_change
+from oomguard.guard.position import apply_packed_position, apply_position, state_packed_length_change
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -88,9 +89,11 @@ def prepare_resume(trainer, checkpoint: str | None, env: GuardEnv) -> str | None
                      detail="the last attempt ran out of memory loading this checkpoint: optimizer state "
                             "is loaded to CPU first, then moved to the device tensor by tensor")
     ledger = getattr(trainer, "_oomguard_ledger", None)
-    if ledger is not None:
-        apply_position(trainer, ledger, source, env.run_dir, env.rank, journal)
-    state_packed_length_change(trainer, source, journal)
+    if ledger is not None:  # a re-packed dataset is mapped by examples; otherwise by rows
+        if not apply_packed_position(trainer, ledger, source, env.run_dir, env.rank, journal):
+            apply_position(trainer, ledger, source, env.run_dir, env.rank, journal)
+    else:
+        state_packed_length_change(trainer, source, journal, reason="no sample ledger (no run dir)")
     lora = _lora_change(trainer.model, source)
     drop_scaler = (source / SCALER).is_file() and not getattr(trainer.args, "fp16", False)
     if lora is None and not drop_scaler:

@@ -100,6 +100,7 @@ def build_trainer(options: RecipeOptions, *, guard=None, guard_env=None):
         callbacks=guard.guard_callbacks(guard_env) if guard is not None else None,
     )
     qlora.trainable_to_fp32(trainer.model)  # after the trainer: it may have re-cast the model
+    trainer._oomguard_raw_dataset = dataset  # the guard maps examples to re-packed rows (issue 5 case b)
     return trainer, _resume_target(options)
 
 

@@ -169,3 +169,16 @@ def test_a_repacked_resume_is_stated_in_the_journal(tmp_path):
     FakeTrainer.args = _args(max_length=128, packing=True)
     assert state_packed_length_change(FakeTrainer(), checkpoint, Journal(run_dir)) is None
     assert len(list(protocol.read_jsonl(run_dir / protocol.EVENTS_JSONL))) == 1
+
+
+def test_packed_plan_maps_rows_seen_to_examples_and_keeps_the_rest_in_order():
+    from oomguard.guard.position import plan_packed
+
+    old_rows = [(0, 5), (1,), (2, 3, 4), (6,)]  # example ids per row at the old max_length
+    entries = [StepSamples(1, 1, 0, (2,)), StepSamples(2, 1, 0, (0,)), StepSamples(3, 2, 0, (3,))]
+    plan = plan_packed(entries, {0: [2, 0, 3, 1]}, old_rows, step=2, max_length=(128, 64))
+    assert plan.examples_seen_in_epoch == 5 and plan.remaining == (6, 1)  # row 3 then row 1
+    import pytest
+
+    with pytest.raises(PositionUnknown):  # the order is over 3 rows, the mapping makes 4: do not guess
+        plan_packed(entries, {0: [2, 0, 1]}, old_rows, step=2, max_length=(128, 64))
