@@ -29,15 +29,11 @@ from .history import attempt_views, data_profile, decision_dict, failure_dict
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
 from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
-from .progress import ProgressTail
+from .progress import ProgressTail, completed_step
 from .ranks import rank_records, root_cause_text
 from .spec import RunSpec
 from .tree import run_processes, stop_processes
 
-# child events whose ``step`` is a completed optimizer step (nan_detected and fault_injected
-# name the step being attempted, so they are not progress)
-COMPLETED_STEP_EVENTS = frozenset({"step", "memory", "checkpoint_saved", "emergency_save", "cache_cleared",
-                                   "pressure_save", "shutdown_saved", "error_recorded"})
 GIVE_UP_EXIT = {GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
                 GiveUpReason.UNRECOVERABLE: ExitCode.CHILD_FAILED}
 
@@ -96,7 +92,7 @@ def _close_abandoned(spec: RunSpec, journal: Journal, attempt: AttemptRecord) ->
             f"{', '.join(str(p.pid) for p in ranks)}); {killed} needed SIGKILL")
     attempt.ended = time.time()
     attempt.interrupted = "supervisor died"
-    attempt.max_step = _max_step(spec, journal, attempt, [])
+    attempt.max_step = _max_step(spec, journal.events(), attempt, [])
     journal.event("attempt_abandoned", attempt=attempt.n, pid=attempt.pid, max_step=attempt.max_step,
                   orphan=orphan or "no process of it was left")
 
@@ -208,7 +204,8 @@ def _watch(spec: RunSpec, journal: Journal) -> Watch:
 def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
                     outcome: ChildOutcome) -> Failure | None:
     records = read_error_records(journal.attempt_dir(attempt.n) / ERROR_JSON)
-    attempt.max_step = _max_step(spec, journal, attempt, records)
+    events = journal.events()  # read once: progress and the bootstrap's outcome both come from it
+    attempt.max_step = _max_step(spec, events, attempt, records)
     failure = None if outcome.interrupted_by is not None else classify(
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
     attempt.ended, attempt.exit_code, attempt.signal = time.time(), outcome.exit_code, outcome.signal
@@ -220,7 +217,7 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
                   duration_s=round(outcome.duration_s, 2), failure=attempt.failure, max_step=attempt.max_step,
                   interrupted_by=outcome.interrupted_by, world_size=spec.world_size,
                   root_cause=root_cause_text(attempt.failure, spec.world_size), ranks=rank_records(records),
-                  bootstrap=bootstrap_outcome(launch_plan(attempt.command).delivery.value, journal.events(),
+                  bootstrap=bootstrap_outcome(launch_plan(attempt.command).delivery.value, events,
                                               attempt.started),
                   supervisor=_own_footprint())
     if failure is not None:
@@ -236,10 +233,10 @@ def _own_footprint() -> dict[str, int]:
     return {"rss": me.memory_info().rss, "fds": me.num_fds()}
 
 
-def _max_step(spec: RunSpec, journal: Journal, attempt: AttemptRecord, records: list) -> int | None:
+def _max_step(spec: RunSpec, events: list[dict[str, Any]], attempt: AttemptRecord, records: list) -> int | None:
     steps = [r.step for r in records if r.step is not None]
-    steps += [e["step"] for e in journal.events() if e.get("event") in COMPLETED_STEP_EVENTS
-              and e.get("time", 0) >= attempt.started and isinstance(e.get("step"), int)]
+    steps += [step for e in events if e.get("time", 0) >= attempt.started
+              and (step := completed_step(e)) is not None]
     steps += [c.step for c in scan_checkpoints(spec.checkpoint_dir)
               if c.complete and _mtime(c.path) >= attempt.started]
     best = max(steps, default=0)

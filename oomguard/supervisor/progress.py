@@ -11,6 +11,16 @@ if TYPE_CHECKING:
     from .journal import Journal
 
 GIB = 2**30
+# child events whose ``step`` is a completed optimizer step (nan_detected and fault_injected
+# name the step being attempted, so they are not progress)
+COMPLETED_STEP_EVENTS = frozenset({"step", "memory", "checkpoint_saved", "emergency_save", "cache_cleared",
+                                   "pressure_save", "shutdown_saved", "error_recorded"})
+
+
+def completed_step(event: dict[str, Any]) -> int | None:
+    """The optimizer step an event says was completed, or None (not a progress event)."""
+    step = event.get("step")
+    return step if event.get("event") in COMPLETED_STEP_EVENTS and isinstance(step, int) else None
 
 
 class ProgressTail:
@@ -38,8 +48,8 @@ class ProgressTail:
                 event = json.loads(raw)
             except ValueError:
                 continue
-            if isinstance(event.get("step"), int) and event.get("source") != "supervisor":
-                self.step = max(self.step or 0, event["step"])
+            if (step := completed_step(event)) is not None:
+                self.step = max(self.step or 0, step)
             if event.get("event") == "memory":
                 self.memory = event
 

@@ -22,13 +22,6 @@ SMALL = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", 
          "--max_seq_length", "128", "--logging_steps", "1", "--lora_r", "4", "--lora_alpha", "8"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("oomguard-cache")
-    default.ensure_default_model(path)
-    return path
-
-
 def run_recipe(cache, *args, env=None, timeout=240):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
     full_env.update({default.ENV_CACHE: str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},

@@ -9,20 +9,12 @@ import pytest
 
 from _recipe_run import events, recipe
 from oomguard.guard.ledger import ledger_file, read_ledger, samples_seen
-from oomguard.recipes import default
 
 pytestmark = pytest.mark.slow
 TRAIN = ["--max_seq_length", "64", "--logging_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
          "--precision", "fp32", "--lora_dropout", "0", "--max_steps", "6", "--save_steps", "100"]
 BEFORE = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}
 AFTER = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("oomguard-cache")
-    default.ensure_default_model(path)
-    return path
 
 
 @pytest.fixture(scope="module")

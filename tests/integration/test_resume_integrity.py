@@ -17,13 +17,6 @@ pytestmark = pytest.mark.slow
 DEMO_POLICY = ROOT / "oomguard" / "policies" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("oomguard-cache")
-    default.ensure_default_model(path)
-    return path
-
-
 def supervise(cache: Path, run_dir: Path, out: Path, *, inject: str, max_steps: int,
               policy: Path = DEMO_POLICY) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}

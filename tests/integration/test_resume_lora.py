@@ -7,18 +7,10 @@ import pytest
 from safetensors.torch import load_file
 
 from _recipe_run import SMALL, digest, events, losses, recipe, state
-from oomguard.recipes import default
 
 pytestmark = pytest.mark.slow
 # lr 1e-2 so three steps move the adapter enough that losing it would show in the loss
 TRAIN = [*SMALL, "--lora_alpha", "16", "--learning_rate", "1e-2", "--max_steps", "6", "--save_steps", "3"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("oomguard-cache")
-    default.ensure_default_model(path)
-    return path
 
 
 def test_rank_cut_resumes_at_the_same_step_and_keeps_what_was_learned(cache, tmp_path):

@@ -24,13 +24,6 @@ TRAIN = ["--packing", "--logging_steps", "1", "--lora_r", "4", "--lora_alpha", "
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("oomguard-cache")
-    default.ensure_default_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     lines = default.default_dataset_path().read_text().splitlines()[:EXAMPLES]

@@ -11,20 +11,12 @@ from safetensors.torch import load_file
 
 from _recipe_run import events, losses, recipe, state
 from oomguard.guard.ledger import ledger_file, read_ledger, samples_seen
-from oomguard.recipes import default
 
 pytestmark = pytest.mark.slow
 # fp32 and no dropout: the two runs differ only in how a step's samples are split into micro-batches
 TRAIN = ["--max_seq_length", "128", "--logging_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
          "--precision", "fp32", "--lora_dropout", "0", "--learning_rate", "1e-3", "--max_steps", "6",
          "--save_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("oomguard-cache")
-    default.ensure_default_model(path)
-    return path
 
 
 def test_batch_rung_resumes_on_the_exact_next_sample(cache, tmp_path):

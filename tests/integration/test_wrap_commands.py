@@ -8,47 +8,18 @@ degraded knob in the child's *own* saved arguments (``training_args.bin``, ``ada
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _wrap_run import BIN, oomguard_run
 from oomguard.protocol import read_jsonl
-from oomguard.recipes import default
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-ROOT = HERE.parents[1]
-BIN = Path(sys.executable).parent
 POLICY = HERE / "policies" / "wrap.yaml"  # cuda_oom: batch 4 -> 2, accumulation 1 -> 2
 LORA_POLICY = HERE / "policies" / "wrap_lora.yaml"  # cuda_oom: lora_r 8 -> 4
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return default.ensure_default_model(tmp_path_factory.mktemp("oomguard-cache"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data")
-    shutil.copyfile(default.default_dataset_path(), path / "train.jsonl")
-    return path
-
-
-def oomguard_run(run_dir: Path, policy: Path, *command: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-                "TOKENIZERS_PARALLELISM": "false"})
-    cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir), "--quiet",
-           "--inject", "cuda_oom@step=3", "--", *command]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, f"oomguard run failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n" + \
-        "".join(p.read_text()[-3000:] for p in sorted(run_dir.glob("attempts/*/stderr.log")))
-    return proc
 
 
 def recovered(run_dir: Path) -> tuple[dict, list[dict]]:
