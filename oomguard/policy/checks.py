@@ -108,7 +108,7 @@ def _rung_problems(rung: Rung, start: dict[str, Any], bf16: bool) -> list[Proble
         return [(".knob", f"unknown knob {knob!r}; declare it under knobs first "
                  f"(got {knob}, expected one of: {', '.join(start)})")]
     problems = _value_problems(rung, start[knob], bf16)
-    if not problems and apply_rung(rung, start) is None:
+    if not problems and knob != KNOB_PRECISION and apply_rung(rung, start) is None:
         problems.append(("", f"applied to the starting {knob} {start[knob]!r} it changes nothing, "
                          f"this rung can never help (got op {rung.op.value})"))
     return problems
@@ -118,7 +118,9 @@ def _value_problems(rung: Rung, current: Any, bf16: bool) -> list[Problem]:
     knob, out = rung.knob, []
     if isinstance(rung, SetRung):
         out += _type_problems(".value", knob, rung.value, current)
-        if not out and rung.value == current:
+        # exempt precision: a command's --fp16/--bf16 sets its start, and "bf16 on NaN" must
+        # still fire for a run that asked for fp16 under a bf16 policy
+        if not out and rung.value == current and knob != KNOB_PRECISION:
             out.append((".value", f"sets {knob} to its starting value, this rung can never help "
                         f"(got {rung.value!r}, expected a value other than {current!r})"))
         if knob == KNOB_PRECISION and rung.value == "bf16" and not bf16:

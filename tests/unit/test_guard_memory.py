@@ -45,10 +45,18 @@ def test_flat_noisy_series_is_not_growth():
     assert detect_growth(series(peaks), cap=16 * GIB, window=20) is None
 
 
-def test_growth_needs_a_full_window():
+def test_growth_needs_min_samples_not_a_full_window():
     peaks = [GIB + 100 * MIB * s for s in range(10)]
-    assert detect_growth(series(peaks), cap=None, window=20) is None
-    assert detect_growth(series(peaks), cap=None, window=10) is not None
+    assert detect_growth(series(peaks[:7]), cap=None, window=20) is None
+    assert detect_growth(series(peaks[:8]), cap=None, window=20) is not None
+    assert detect_growth(series(peaks), cap=None, window=20, min_samples=20) is None
+
+
+def test_noise_over_a_few_samples_is_not_growth():
+    rng = random.Random(3)
+    for _ in range(200):
+        peaks = [12 * GIB + rng.randint(-300 * MIB, 300 * MIB) for _ in range(8)]
+        assert detect_growth(series(peaks), cap=16 * GIB, window=20) is None
 
 
 def test_theil_sen_ignores_a_spike():
