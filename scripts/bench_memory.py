@@ -80,10 +80,12 @@ COMPONENT_RULES = (
     ("attention", "/modeling_", {"apply_rotary_pos_emb", "rotate_half", "repeat_kv", "eager_attention_forward"},
      None),
     ("embeddings", "/torch/nn/modules/sparse.py", None, None),
-    ("inputs", "/accelerate/utils/operations.py", None, None),
+    # accelerate's mixed-precision wrapper copies the model's outputs (the logits) to fp32
+    (LOGITS, "/accelerate/utils/operations.py", {"convert_to_fp32", "_convert_to_fp32"}, None),
+    ("inputs", "/accelerate/utils/operations.py", {"send_to_device"}, None),
     ("inputs", "/transformers/trainer.py", {"_prepare_input", "_prepare_inputs"}, None),
 )
-NO_FRAME = "backward (autograd, no Python frame)"
+AUTOGRAD = "backward (autograd engine: gradients)"
 
 
 # ----------------------------------------------------------------------------- pure: trace replay
@@ -105,19 +107,22 @@ def first_match(frames: list[dict], rules) -> str | None:
 
 
 def classify(frames: list[dict], size: int, rules, row_bytes: int | None) -> tuple[str, str]:
-    """(phase, bucket) of one allocation. A frameless block (the autograd engine's own thread) whose
-    size is a whole number of bf16 vocabulary rows is a logits gradient."""
+    """(phase, bucket) of one allocation. On CUDA the autograd engine allocates gradients on its own
+    thread, without Python frames; such a block that is a whole number of bf16 vocabulary rows
+    (``row_bytes``) is a logits gradient."""
     phase = first_match(frames, PHASE_RULES) or ("backward" if not frames else "forward")
     component = first_match(frames, rules)
     if phase == "optimizer":
         return phase, "optimizer"
     if component in (LOGITS, FUSED):
         return phase, component
-    if not frames:
-        return phase, LOGITS if row_bytes and size % row_bytes == 0 else NO_FRAME
     if phase == "recompute":
         return phase, "checkpoint recompute"
-    return phase, component or "other"
+    if component:
+        return phase, component
+    if phase == "backward":
+        return phase, LOGITS if row_bytes and size % row_bytes == 0 else AUTOGRAD
+    return phase, "other"
 
 
 def replay_peak(events: list[dict]) -> dict:
@@ -385,7 +390,10 @@ def model_regions(model) -> tuple:
         if owner is None:
             continue
         fn = inspect.unwrap(type(owner).forward)
-        lines, first = inspect.getsourcelines(fn)
+        try:
+            lines, first = inspect.getsourcelines(fn)
+        except (OSError, TypeError):  # no source: its blocks fall to the generic rules
+            continue
         rules.append((bucket, fn.__code__.co_filename, None, (first, first + len(lines) - 1)))
     return COMPONENT_RULES + tuple(rules)
 
@@ -400,16 +408,17 @@ def make_probe(snapshot_step: int | None, rules, row_bytes: int):
     class Probe(TrainerCallback):
         def __init__(self):
             self.batches, self.optimizer, self.snapshot = [], {}, None
-            self.peaks, self.baseline = [0, 0], None
+            self.peaks, self.baseline = [None, None], None
 
         def record_batch(self, module, args):  # forward pre-hook on the input embeddings
             ids = args[0]
             self.batches.append([int(ids.shape[0]), int(ids.shape[-1]), int(ids.sum())])
 
-        def fold_peaks(self) -> list[int]:
+        def fold_peaks(self) -> list[int | None]:
+            """Overall peaks, kept across the reset before the snapshot step; None without CUDA."""
             if cuda:
-                self.peaks = [max(self.peaks[0], torch.cuda.max_memory_allocated()),
-                              max(self.peaks[1], torch.cuda.max_memory_reserved())]
+                self.peaks = [max(self.peaks[0] or 0, torch.cuda.max_memory_allocated()),
+                              max(self.peaks[1] or 0, torch.cuda.max_memory_reserved())]
             return self.peaks
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -441,8 +450,7 @@ def make_probe(snapshot_step: int | None, rules, row_bytes: int):
 
 def measure(path: str, model_dir: str, shape: tuple[int, int], data: str, steps: int, snapshot: bool,
             work: str) -> dict:
-    import torch
-
+    """Build the path's trainer on a fresh model, train ``steps`` steps, report its memory and losses."""
     release()
     job = Job(model_dir, data, shape[0], shape[1], steps, os.path.join(work, f"{path}-{label(shape)}"),
               {"start": allocated()})
@@ -451,36 +459,46 @@ def measure(path: str, model_dir: str, shape: tuple[int, int], data: str, steps:
     job.stages["trainer"] = allocated()
     model = causal_lm(trainer.model)
     probe = make_probe(min(SNAPSHOT_STEP, steps) if snapshot else None, model_regions(model),
-                       2 * model.config.vocab_size)
+                       2 * model.config.vocab_size)  # bytes of one bf16 logits row
     trainer.add_callback(probe)
     hook = model.get_input_embeddings().register_forward_pre_hook(probe.record_batch)
     result = {"shape": label(shape), "batch": shape[0], "seq": shape[1], "build_s": round(time.time() - started, 1)}
     print(f"bench_memory[{path} {label(shape)}]: built in {result['build_s']}s, training {steps} steps", flush=True)
-    started = time.time()
-    try:
-        trainer.train()
-        result["ok"] = True
-    except torch.OutOfMemoryError as exc:
-        result.update(ok=False, error=str(exc).splitlines()[0])
-    result["train_s"] = round(time.time() - started, 1)
-    peaks = probe.fold_peaks() if torch.cuda.is_available() else [None, None]
-    stages = {**job.stages, **probe.optimizer}
-    deltas = stage_deltas(stages)
-    history = trainer.state.log_history
-    result.update(
-        peak_allocated_gib=gib(peaks[0]), peak_reserved_gib=gib(peaks[1]),
-        peak_allocated_bytes=peaks[0], peak_reserved_bytes=peaks[1],
-        stages_gib={k: gib(v) for k, v in stages.items()}, stage_deltas_gib={k: gib(v) for k, v in deltas.items()},
-        losses=[h["loss"] for h in history if "loss" in h], grad_norms=[h.get("grad_norm") for h in history
-                                                                         if "loss" in h],
-        batches=probe.batches, snapshot=probe.snapshot)
-    if probe.snapshot is not None:
-        probe.snapshot["baseline_split_gib"] = baseline_split(probe.snapshot["baseline_bytes"], deltas)
+    result.update(train(trainer))
+    result.update(report(trainer, probe, {**job.stages, **probe.optimizer}))
     hook.remove()
     del trainer, model, probe
     release()
     result["allocated_after_cleanup_gib"] = gib(allocated())
     return result
+
+
+def train(trainer) -> dict:
+    import torch
+
+    started = time.time()
+    try:
+        trainer.train()
+        out = {"ok": True}
+    except torch.OutOfMemoryError as exc:
+        out = {"ok": False, "error": str(exc).splitlines()[0]}
+    if torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(enabled=None)  # an OOM in the snapshot step left it on
+    return {**out, "train_s": round(time.time() - started, 1)}
+
+
+def report(trainer, probe, stages: dict) -> dict:
+    peaks = probe.fold_peaks()
+    deltas = stage_deltas(stages)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    if probe.snapshot is not None:
+        probe.snapshot["baseline_split_gib"] = baseline_split(probe.snapshot["baseline_bytes"], deltas)
+    return {"peak_allocated_gib": gib(peaks[0]), "peak_reserved_gib": gib(peaks[1]),
+            "peak_allocated_bytes": peaks[0], "peak_reserved_bytes": peaks[1],
+            "stages_gib": {k: gib(v) for k, v in stages.items()},
+            "stage_deltas_gib": {k: gib(v) for k, v in deltas.items()},
+            "losses": [h["loss"] for h in logged], "grad_norms": [h.get("grad_norm") for h in logged],
+            "batches": probe.batches, "snapshot": probe.snapshot}
 
 
 def worker(args) -> int:
@@ -550,15 +568,16 @@ def compare(paths: dict, tol: float) -> dict:
 
 
 def table(result: dict) -> str:
-    head = (f"{'path':<11}{'shape':<8}{'peak alloc':>11}{'reserved':>10}{'weights':>9}{'+upcast':>9}{'+lora':>7}"
-            f"{'optim':>7}{'loss 1st':>10}{'loss last':>10}{'train s':>9}")
+    head = (f"{'path':<11}{'shape':<8}{'max len':>8}{'peak alloc':>11}{'reserved':>10}{'weights':>9}{'+upcast':>9}"
+            f"{'+lora':>7}{'optim':>7}{'loss 1st':>10}{'loss last':>10}{'train s':>9}")
     lines = [head, "-" * len(head)]
     for path, p in result["paths"].items():
         for shape, r in p.get("shapes", {}).items():
             d, losses = r.get("stage_deltas_gib") or {}, r.get("losses") or [None]
-            cells = [r.get("peak_allocated_gib"), r.get("peak_reserved_gib"), d.get("weights"), d.get("upcast"),
+            longest = max((b[1] for b in r.get("batches") or []), default=None)  # padded tokens per row
+            cells = [longest, r.get("peak_allocated_gib"), r.get("peak_reserved_gib"), d.get("weights"), d.get("upcast"),
                      d.get("lora"), d.get("optimizer_state"), losses[0], losses[-1], r.get("train_s")]
-            widths = (11, 10, 9, 9, 7, 7, 10, 10, 9)
+            widths = (8, 11, 10, 9, 9, 7, 7, 10, 10, 9)
             lines.append(f"{path:<11}{shape:<8}" + "".join(f"{_cell(c):>{w}}" for c, w in zip(cells, widths)))
             snap = r.get("snapshot")
             if snap:
@@ -578,12 +597,14 @@ def _cell(value) -> str:
 def parent(args) -> int:
     result = {"versions": None, "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "settings": {"steps": args.steps, "shapes": args.shapes, "rows": ROWS, "seed": SEED, "lr": LR,
-                           "snapshot_shape": args.snapshot_shape, "snapshot_step": min(SNAPSHOT_STEP, args.steps),
+                           "snapshot_shape": args.snapshot_shape,
+                           "full_length": args.full_length, "snapshot_step": min(SNAPSHOT_STEP, args.steps),
                            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},
               "paths": {}, "comparisons": {}}
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as work:
         for seq in sorted({s for _, s in parse_shapes(args.shapes)}):
-            write_dataset(os.path.join(work, f"data-{seq}.jsonl"), sample_lengths(ROWS, target=seq, seed=0), seed=0)
+            lengths = [seq] * ROWS if args.full_length else sample_lengths(ROWS, target=seq, seed=0)
+            write_dataset(os.path.join(work, f"data-{seq}.jsonl"), lengths, seed=0)
         for path in args.paths.split(","):
             result["paths"][path] = run_path(path, args, work)
             result["versions"] = result["versions"] or result["paths"][path].pop("versions", None)
@@ -603,8 +624,10 @@ def main() -> int:
     ap.add_argument("--shapes", default="2x512,2x2048", help="comma list of BATCHxSEQ")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma list out of {','.join(PATHS)}")
     ap.add_argument("--snapshot_shape", default="2x512", help="the shape whose step is snapshotted ('' = none)")
+    ap.add_argument("--full_length", action="store_true",
+                    help="every row fills the shape's length (default: log-normal lengths, median 0.55 x length)")
     ap.add_argument("--loss_tol", type=float, default=0.05, help="max abs loss difference still 'the same'")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per path's subprocess")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per path's subprocess")
     ap.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--worker_out", help=argparse.SUPPRESS)

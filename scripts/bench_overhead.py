@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=12, help="measured steps per arm, 8B (after the warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="A/B pairs, 8B")
     ap.add_argument("--tiny-steps", type=int, default=60, help="measured steps per arm, tiny model")
-    ap.add_argument("--tiny-rounds", type=int, default=3, help="A/B pairs, tiny model")
+    ap.add_argument("--tiny-rounds", type=int, default=2, help="A/B pairs, tiny model")
     ap.add_argument("--tiny-shape", default="x".join(map(str, SHAPES["tiny"])),
                     help="BATCHxMAX_LENGTH of the tiny model (smaller for a CPU dry run)")
     ap.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (both models)")
@@ -110,7 +110,7 @@ def print_table(result: dict) -> None:
               f"{f'[{lo:+.2%}, {hi:+.2%}]':>18}")
         top = sorted(m.get("callback_costs", {}).items(), key=lambda kv: -kv[1]["per_step_ms"])[:4]
         if top:
-            print("       costliest guard events (median ms per step): "
+            print(f"       guard events {m['callback_per_step_ms']:.3f} ms per step; costliest: "
                   + ", ".join(f"{name} {c['per_step_ms']:.3f}" for name, c in top))
 
 
@@ -156,7 +156,9 @@ def run_worker(args: argparse.Namespace) -> None:
             for arm in ("AB" if r % 2 == 0 else "BA"):
                 arms.append(bench.run_arm(arm, r))
                 update_model(args.out, key, {"arms": arms})
-        update_model(args.out, key, {"summary": summarize(arms), "callback_costs": callback_costs(arms)})
+        costs = callback_costs(arms)
+        update_model(args.out, key, {"summary": summarize(arms), "callback_costs": costs,
+                                     "callback_per_step_ms": sum(c["per_step_ms"] for c in costs.values())})
     print(f"bench_overhead {key}: done", flush=True)
 
 
@@ -228,7 +230,7 @@ class Bench:
         result = {"arm": arm, "round": round_, **timer.result(started), "train_s": train_s,
                   "steps_done": trainer.state.global_step}
         if costs:
-            result["callback_s"] = costs
+            result["callback_s"] = {name: times for name, times in costs.items() if times}
         del trainer
         result["allocated_after_gib"] = release_memory()
         c = statistics.median(result["cycle_s"]) if result["cycle_s"] else float("nan")
@@ -364,8 +366,6 @@ def callback_costs(arms: list[dict]) -> dict:
         steps += a["steps_done"] if "callback_s" in a else 0
     out = {}
     for name, times in merged.items():
-        if not times:
-            continue  # overridden but never fired (eval, save)
         per_step = name.rpartition(".")[2] in PER_STEP_EVENTS
         median_ms = statistics.median(times) * 1e3
         out[name] = {"calls": len(times), "total_ms": sum(times) * 1e3, "median_ms": median_ms,

@@ -12,8 +12,8 @@ The model is loaded the classic way: NF4 + double quant, ``prepare_model_for_kbi
 upcasts embeddings and lm_head to fp32), LoRA on q/k/v/o, gradient checkpointing, paged AdamW.
 ``--trainer sft`` trains with TRL's ``SFTTrainer``; ``--trainer hf`` with ``transformers.Trainer`` and
 the model's own loss (full logits). ``--leak`` adds the bug of a user whose forward hooks keep every
-4th decoder layer's output "for activation statistics" instead of a number: the list grows by
-8·b·s·hidden·2 bytes per forward (twice per micro-step under gradient checkpointing).
+2nd decoder layer's output "for activation statistics" instead of a number: the list grows by
+16·b·s·hidden·2 bytes per forward (0.5 GiB per 2 x 2048 micro-batch on the 8B shape).
 
 Bench-only extras (a user's script would not have them): ``--vram_limit`` emulates a smaller card
 for the baselines with the same function oomguard uses (under ``oomguard run`` pass the supervisor's
@@ -102,7 +102,7 @@ def load_model(args):
     return model, tokenizer
 
 
-def add_leaky_hooks(model, every: int = 4) -> None:
+def add_leaky_hooks(model, every: int = 2) -> None:
     """The bug: hooks meant to log activation statistics keep the tensors themselves."""
     layers = next(m for name, m in model.named_modules() if name.endswith("layers") and hasattr(m, "__len__"))
     for i, layer in enumerate(layers):

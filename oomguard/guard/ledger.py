@@ -24,6 +24,7 @@ goes wrong once the effective batch changes).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -155,13 +156,16 @@ class _RecordingSampler:
         return getattr(self._inner, name)
 
 
-def _batch_size(inputs: Any) -> int:
+def _batch_size(inputs: Any) -> int | None:
+    """Rows in a batch, or None when it cannot be told. Collators return mappings that are not
+    dicts (transformers' ``BatchEncoding`` is a ``UserDict``: found on an H100 run)."""
+    if not isinstance(inputs, Mapping):
+        return None
     for key in ("input_ids", "inputs_embeds", "labels"):
-        value = inputs.get(key) if isinstance(inputs, dict) else None
+        value = inputs.get(key)
         if value is not None and hasattr(value, "shape"):
             return int(value.shape[0])
-    raise ValueError(f"cannot tell the batch size of the training inputs (keys {sorted(inputs)}); "
-                     "the ledger needs input_ids, inputs_embeds or labels in each batch")
+    return None
 
 
 class SampleLedgerCallback(TrainerCallback):
@@ -248,7 +252,9 @@ def install_ledger(trainer, run_dir: str | Path, *, rank: int = 0, attempt: int 
 
     def training_step(model, inputs, *args, **kwargs):
         padding_free = getattr(trainer, "padding_free", False)  # TRL's: the batch's rows are one sequence
-        ledger.consumed(ledger.rows_in_batch(trainer._train_batch_size) if padding_free else _batch_size(inputs))
+        rows = None if padding_free else _batch_size(inputs)
+        # unknown batch layout: count the configured batch (wrong only for a short last batch)
+        ledger.consumed(ledger.rows_in_batch(trainer._train_batch_size) if rows is None else rows)
         return step(model, inputs, *args, **kwargs)
 
     trainer.get_train_dataloader, trainer.training_step = get_train_dataloader, training_step

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind
 from oomguard.policy.ladder import (apply_rung, effective_batch, ladder_chain, lr_adjustment,
@@ -208,9 +208,27 @@ def _pick_rung(ctx: _Context, chain: Sequence[FailureKind]) -> _Pick | None:
                 ctx.skipped.append(f"skipped {kind.value} rung {i} (precision → bf16): this GPU has no bf16")
                 continue
             new = apply_rung(rung, ctx.knobs, ctx.profile)
-            if new is not None and new != ctx.knobs:
-                return _Pick(ref, rung, new)
+            if new is None or new == ctx.knobs:
+                continue
+            over = _cut_over_bound(rung, new, ctx.profile)
+            if over is not None:
+                ctx.skipped.append(f"passed over {kind.value} rung {i} (max_seq_length → "
+                                   f"{new[KNOB_MAX_SEQ_LENGTH]}): {over}")
+                continue
+            return _Pick(ref, rung, new)
     return None
+
+
+def _cut_over_bound(rung, new: Mapping[str, Any], profile: DataProfile | None) -> str | None:
+    """Why a bounded quantile_step may not apply (its cut exceeds ``max_token_cut``), or None."""
+    bound = getattr(rung, "max_token_cut", None)
+    if bound is None:
+        return None
+    if profile is None:
+        return f"the training tokens it would cut are unknown (no data profile yet; max_token_cut {bound:.0%})"
+    share = truncation_share(profile, new[KNOB_MAX_SEQ_LENGTH])
+    return None if share <= bound else \
+        f"it would cut {share:.1%} of the training tokens, more than max_token_cut {bound:.0%}"
 
 
 def _retry(ctx: _Context, pick: _Pick | None, ckpt: CheckpointInfo | None, *,

@@ -1,8 +1,8 @@
 """Two GPUs, DDP over NCCL, a genuine CUDA OOM on rank 1 only (issue 8, GPU part).
 
-Not yet run (no 2-GPU machine in the session that wrote it). Run on 2 x H100:
+Run on 2 GPUs (docs/DISTRIBUTED.md has the device command; docs/BENCHMARKS.md the result):
 
-    OOMGUARD_GPU_OUT=benchmarks/gpu .venv/bin/python -m pytest -m gpu tests/gpu/test_gpu_ddp.py -s
+    OOMGUARD_GPU_OUT=benchmarks/gpu python -m pytest -m gpu tests/gpu/test_gpu_ddp.py -s
 
 1. Calibrate: the child script (written below) runs under torchrun with no cap at the big
    batch and at half of it, and reports each rank's peak allocated bytes.
@@ -71,7 +71,8 @@ def _needs_two_gpus():
 
 
 def torchrun(script: Path, out: Path, steps: int, batch: int) -> list[str]:
-    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), str(out),
+    """torchrun as ``python -m torch.distributed.run`` (the GPU image has no console scripts)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out),
             str(steps), str(batch)]
 
 

@@ -182,3 +182,17 @@ def test_packed_plan_maps_rows_seen_to_examples_and_keeps_the_rest_in_order():
 
     with pytest.raises(PositionUnknown):  # the order is over 3 rows, the mapping makes 4: do not guess
         plan_packed(entries, {0: [2, 0, 1]}, old_rows, step=2, max_length=(128, 64))
+
+
+def test_batch_size_reads_mappings_that_are_not_dicts():
+    """transformers' collators return BatchEncoding (a UserDict); an H100 run of a plain HF Trainer
+    script crashed on it before."""
+    import torch
+    from transformers import BatchEncoding
+
+    from oomguard.guard.ledger import _batch_size
+
+    assert _batch_size(BatchEncoding({"input_ids": torch.zeros(3, 7), "labels": torch.zeros(3, 7)})) == 3
+    assert _batch_size({"inputs_embeds": torch.zeros(5, 2, 4)}) == 5
+    assert _batch_size({"pixel_values": torch.zeros(2, 3)}) is None  # the caller counts the configured batch
+    assert _batch_size([torch.zeros(2)]) is None

@@ -238,3 +238,41 @@ def test_repeated_nan_rolls_back_further_each_time():
         picked.append(d.resume_from)
         knobs = d.knobs
     assert picked == ["/c/checkpoint-10", "/c/checkpoint-8", "/c/checkpoint-4", None]
+
+
+@pytest.mark.parametrize("name", ["rtx-24gb", "h100-80gb"])
+def test_bf16_policy_moves_a_run_that_asked_for_fp16_to_bf16_on_nan(name):
+    pol = load_policy_arg(name)
+    asked_fp16 = {**pol.start_knobs(), "precision": "fp16"}  # the command's --fp16 wins over the policy
+    d = decide(pol, [attempt(1, asked_fp16, K.NAN_LOSS, step=25, max_step=25)], CKPTS)
+    assert d.knobs["precision"] == "bf16" and d.knobs["learning_rate"] == asked_fp16["learning_rate"]
+    # already bf16: the precision rung changes nothing and the learning rate goes down instead
+    d = decide(pol, [attempt(1, pol, K.NAN_LOSS, step=25, max_step=25)], CKPTS)
+    assert d.knobs["precision"] == "bf16" and d.knobs["learning_rate"] < pol.start_knobs()["learning_rate"]
+    assert not decide(pol, [attempt(1, asked_fp16, K.NAN_LOSS, step=25, max_step=25)], CKPTS,
+                      bf16_ok=False).knobs["precision"] == "bf16"
+
+
+def test_bounded_length_rung_is_passed_over_when_it_cuts_too_much():
+    pol = load_policy_arg("rtx-24gb")  # first rung: quantile_step with max_token_cut 0.02
+    first = [attempt(1, pol, K.CUDA_OOM, 3, phase=Phase.FORWARD_BACKWARD, max_step=3)]
+    long_tail = DataProfile(100, ((0.0, 200), (0.5, 1100), (0.9, 2048), (1.0, 2048)), 2048)  # 10 % at the cap
+    d = decide(pol, first, CKPTS, profile=long_tail)
+    assert d.knobs["max_seq_length"] == 2048 and d.knobs["per_device_train_batch_size"] == 1  # halved: 2 -> 1
+    assert "passed over cuda_oom rung 0 (max_seq_length → " in d.reason and "more than max_token_cut 2%" in d.reason
+    short = DataProfile(100, ((0.0, 200), (0.5, 500), (0.99, 900), (1.0, 1000)), 1000)  # nothing near 2048
+    d = decide(pol, first, CKPTS, profile=short)
+    assert d.knobs["max_seq_length"] < 2048 and d.truncation_share <= 0.02
+    d = decide(pol, first, CKPTS, profile=None)
+    assert d.knobs["max_seq_length"] == 2048 and "no data profile yet" in d.reason
+
+
+def test_unbounded_length_rung_is_the_last_resort():
+    pol = load_policy_arg("rtx-24gb")
+    long_tail = DataProfile(100, ((0.0, 200), (0.5, 1100), (0.9, 2048), (1.0, 2048)), 2048)
+    history, last = run_oom_sequence(pol, K.CUDA_OOM, profile=long_tail)
+    seq = [a.knobs["max_seq_length"] for a in history]
+    batch = [a.knobs["per_device_train_batch_size"] for a in history]
+    lora = [a.knobs["lora_r"] for a in history]
+    first_cut = seq.index(next(s for s in seq if s < 2048))
+    assert batch[first_cut] == 1 and lora[first_cut] < 16  # only after the batch and rank rungs
