@@ -517,9 +517,9 @@ def worker(args) -> int:
         release()  # outside the except: a live exception keeps the failed step's tensors
         out["shapes"][label(shape)] = row
         Path(args.worker_out).write_text(json.dumps(out, indent=1))
-        print(f"bench_memory[{args.path} {label(shape)}]: ok={row.get('ok')} peak allocated "
+        print(f"bench: memory {args.path} {label(shape)}: ok={row.get('ok')} peak allocated "
               f"{row.get('peak_allocated_gib')} GiB, reserved {row.get('peak_reserved_gib')} GiB, "
-              f"losses {row.get('losses')}", flush=True)
+              f"losses {[round(x, 4) for x in row.get('losses') or []]}", flush=True)
     return 0
 
 
@@ -532,9 +532,9 @@ def run_path(path: str, args, work: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--path", path, "--model", args.model, "--steps",
            str(args.steps), "--shapes", args.shapes, "--snapshot_shape", args.snapshot_shape, "--work", work,
            "--worker_out", out_file, "--out", args.out]
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                                 os.environ.get("PYTHONPATH")]))}
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
     started = time.time()
     print(f"bench_memory: [{path}] starting", flush=True)
     with open(err_file, "w") as err:
@@ -612,7 +612,9 @@ def parent(args) -> int:
             result["comparisons"] = compare(result["paths"], args.loss_tol)
             Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result), flush=True)
-    print(json.dumps(result["comparisons"], indent=1), flush=True)
+    for shape, c in result["comparisons"].items():
+        diffs = {k: (v or {}).get("max_abs_diff") for k, v in c.items() if k != "same_batches"}
+        print(f"bench: memory {shape}: same batches {c['same_batches']}, max |loss diff| {diffs}", flush=True)
     return 0
 
 

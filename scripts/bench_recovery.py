@@ -175,9 +175,12 @@ def measure(way: str, s: Scenario, work: Path) -> dict:
     done = max((e["step"] for e in steps), default=0)
     out.update(final=final, final_step=done, losses=[e["loss"] for e in ev if e["event"] == "loss"][-3:],
                weights_finite=last_end.get("weights_finite"), tokens_per_s_in_run=_run_tps(steps),
-               peak_allocated_gib=_peak(steps))
+               step_peak_allocated_gib=_peak(steps))
+    # the logged loss hides NaN (logging_nan_inf_filter); count the raw non-finite micro-batch losses
+    out["nonfinite_steps"] = sum(1 for e in steps if e.get("nonfinite"))
+    last_ok = bool(steps) and not steps[-1].get("nonfinite")
     out["finished"] = bool(last_end.get("ok") and done >= s.max_steps and last_end.get("weights_finite")
-                           and last_end.get("loss_finite"))
+                           and last_end.get("loss_finite") and last_ok)
     return out
 
 
@@ -201,7 +204,7 @@ def _run_tps(steps: list[dict]) -> float | None:
 
 
 def _peak(steps: list[dict]) -> float | None:
-    vals = [e["allocated"] for e in steps if e.get("allocated")]
+    vals = [e["peak"] for e in steps if e.get("peak")]
     return round(max(vals) / 2**30, 2) if vals else None
 
 

@@ -39,6 +39,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 KEPT: list = []  # the --leak bug: never cleared
 TOKENS = [0]  # non-padding tokens in the current optimizer step
+NONFINITE = [0]  # micro-batches of the current optimizer step whose loss was NaN/inf (the logged loss hides them)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,7 +143,10 @@ class Counting:
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         mask = inputs.get("attention_mask")
         TOKENS[0] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss = out[0] if isinstance(out, tuple) else out
+        NONFINITE[0] += int(not torch.isfinite(loss.detach()).all())
+        return out
 
 
 class Recorder(TrainerCallback):
@@ -154,11 +158,15 @@ class Recorder(TrainerCallback):
         emit(self.path, "train_begin", step=state.global_step, batch=state.train_batch_size or
              args.per_device_train_batch_size, accum=args.gradient_accumulation_steps)
 
+    def on_step_begin(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
     def on_step_end(self, args, state, control, **kw):
         cuda = torch.cuda.is_available()
-        emit(self.path, "step", step=state.global_step, tokens=TOKENS[0],
-             allocated=torch.cuda.memory_allocated() if cuda else None, kept=len(KEPT))
-        TOKENS[0] = 0
+        emit(self.path, "step", step=state.global_step, tokens=TOKENS[0], nonfinite=NONFINITE[0],
+             peak=torch.cuda.max_memory_allocated() if cuda else None, kept=len(KEPT))
+        TOKENS[0] = NONFINITE[0] = 0
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:

@@ -36,7 +36,8 @@ elif [ "$PHASE" = 2 ]; then
       --caps 15GiB --finals $FINALS --timeout_s 200) &
   (lane 1 sweep24 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-24.json" --work /tmp/w1 \
       --caps 24GiB --finals $FINALS --timeout_s 300;
-   lane 1 memory python3 scripts/bench_memory.py --model "$MODEL" --out "$OUT/memory.json") &
+   lane 1 memory python3 scripts/bench_memory.py --model "$MODEL" --out "$OUT/memory.json" --steps 4 \
+      --shapes 2x512,2x2048 --full_length) &
 else
   lane 0 overhead python3 scripts/bench_overhead.py --model8b "$MODEL" --tiny "$TINY" --out "$OUT/overhead.json" &
   [ -n "${RERUN:-}" ] && lane 1 rerun python3 scripts/bench_recovery.py run --model "$MODEL" \

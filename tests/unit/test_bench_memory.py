@@ -174,3 +174,15 @@ def test_loss_match_and_compare():
 def test_parse_shapes():
     assert bm.parse_shapes("2x512, 2x2048,") == [(2, 512), (2, 2048)]
     assert bm.label((2, 512)) == "2x512"
+
+
+def test_table_shows_each_run_its_snapshot_and_errors():
+    snap = {"step": 2, "baseline_gib": 7.3, "buckets_gib": {bm.LOGITS: 1.5, "LoRA": 0.1}}
+    row = {"batches": [[2, 300, 1], [2, 512, 1]], "peak_allocated_gib": 9.96, "losses": [11.8, 11.7],
+           "stage_deltas_gib": {"weights": 5.32, "upcast": 2.0}, "snapshot": snap}
+    text = bm.table({"paths": {"seed": {"shapes": {"2x512": row}},
+                               "recipe": {"shapes": {"2x512": {"error": "CUDA out of memory"}}}}})
+    lines = text.splitlines()
+    assert lines[2].split()[:5] == ["seed", "2x512", "512", "9.960", "-"]
+    assert "baseline 7.3 + logits/loss 1.5, LoRA 0.1 GiB" in lines[3]
+    assert lines[4].startswith("recipe") and "error: CUDA out of memory" in lines[5]
