@@ -97,7 +97,8 @@ def _quantile_step(rung: QuantileStepRung, current: int, profile: DataProfile | 
 
     Lengths at or above the longest sample save nothing (batches are padded to the
     longest sample, not to max_seq_length), so the step starts below ``max_len``. One step
-    never goes below ``min_factor`` × the current length (rounded down to ``multiple_of``).
+    goes at least to ``max_factor`` and never below ``min_factor`` × the current length
+    (rounded down to ``multiple_of``).
     """
     m = rung.multiple_of
     if profile is None:
@@ -107,6 +108,7 @@ def _quantile_step(rung: QuantileStepRung, current: int, profile: DataProfile | 
         lengths = {length // m * m for _, length in profile.quantiles}
         below = [v for v in lengths if 0 < v < cap]
         value = max(below) if below else rung.floor
+        value = min(value, int(cap * rung.max_factor) // m * m)  # a step that frees something
         value = max(value, int(cap * rung.min_factor) // m * m)
     value = max(value, rung.floor)
     return value if value < current else None

@@ -81,8 +81,17 @@ def test_quantile_step_with_profile_walks_quantiles_below_longest_sample():
     lengths, knobs = [], dict(KNOBS)
     while (knobs := apply_rung(r, knobs, prof)) is not None:
         lengths.append(knobs["max_seq_length"])
-    # 1800 -> 1792 (below the longest sample), 1500 -> 1472, 900 -> 896 is under the floor -> 1000
-    assert lengths == [1792, 1472, 1000]
+    # below the longest sample (1800), each step at least to max_factor 0.875 of it: 1536 (not the
+    # 1792 quantile), 1344 (not 1472), then 896 is under the floor -> 1000
+    assert lengths == [1536, 1344, 1000]
+    wide = rung(op="quantile_step", floor=1000, multiple_of=64, max_factor=0.999)
+    assert apply_rung(wide, KNOBS, prof)["max_seq_length"] == 1792  # the old walk, quantile by quantile
+
+
+def test_quantile_step_never_takes_a_tiny_step():
+    fine = profile([(q / 100, 10 * q + 24) for q in range(101)], max_len=1024)  # a quantile every ~10 tokens
+    r = rung(op="quantile_step", floor=256, multiple_of=64)
+    assert apply_rung(r, {**KNOBS, "max_seq_length": 1024}, fine)["max_seq_length"] == 896  # not 960
 
 
 def test_truncation_share_matches_hand_computation():
