@@ -39,6 +39,9 @@ import bench_common  # noqa: E402
 
 POLICIES = ROOT / "oomguard" / "policies"
 WAYS = ("oomguard", "plain", "auto")  # run order: the one under test first
+# also: "plain_es" = plain with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the allocator
+# setting oomguard gives its child (separates that effect from the ladder's)
+ES = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Scenario:
 
 SCENARIOS = {s.name: s for s in (
     Scenario("a", "24 GiB card, batch 8 x 2048, bf16", "24GiB", "rtx-24gb", 2048, 8),
+    Scenario("a2", "24 GiB card, batch 16 x 2048, bf16", "24GiB", "rtx-24gb", 2048, 16),
     Scenario("b", "24 GiB card, batch 2 x 8192, bf16", "24GiB", "rtx-24gb", 8192, 2),
     # a "16 GB" T4 shows 15 GiB to torch; the T4 user follows the older HF Trainer notebook (full logits)
     Scenario("c", "T4-like 16 GB card (15 GiB), batch 4 x 1024, fp16, HF Trainer", "15GiB", "t4-16gb", 1024, 4,
@@ -98,7 +102,7 @@ def user_args(s: Scenario, model: str, data: Path, out: Path, events: Path) -> l
 def command(way: str, s: Scenario, model: str, data: Path, work: Path, inject: str | None) -> list[str]:
     py = sys.executable
     script = [py, str(HERE / "bench_train.py"), *user_args(s, model, data, work / "out", work / "events.jsonl")]
-    if way == "plain":
+    if way in ("plain", "plain_es"):
         return [*script, "--vram_limit", s.cap]
     if way == "auto":
         return [*script, "--vram_limit", s.cap, "--auto_find_batch_size"]
@@ -111,7 +115,8 @@ def run_way(way: str, s: Scenario, model: str, data: Path, work: Path, inject: s
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cmd = command(way, s, model, data, work, inject if way == "oomguard" else None)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           **(ES if way == "plain_es" else {})}
     started = time.time()
     with open(work / "stdout.log", "w") as out, open(work / "stderr.log", "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env, start_new_session=True)
@@ -169,7 +174,7 @@ def measure(way: str, s: Scenario, work: Path) -> dict:
         out["steps_lost"] = sum(r.steps_redone or 0 for r in summary.recoveries)
         out["failure_to_next_step_s"] = [r.seconds_to_next_step for r in summary.recoveries]
         out["events"] = _journal_highlights(work / "run")
-    if way == "plain" and not last_end.get("ok"):
+    if way.startswith("plain") and not last_end.get("ok"):
         out["crashed_at_step"] = max((e["step"] for e in steps), default=0)
     final["effective_batch"] = final["per_device_train_batch_size"] * final["gradient_accumulation_steps"]
     done = max((e["step"] for e in steps), default=0)
@@ -255,11 +260,13 @@ def sweep_plan(finals: list[dict], tiny_run: bool) -> dict[tuple, list[dict]]:
         key = (s.cap, s.trainer, s.precision)
         grid = plan.setdefault(key, [])
         b = s.effective
-        while b >= 1:
+        while b >= max(1, s.effective // 8):  # accumulation up to 8: smaller micro-batches only get slower
             grid.append({"scenario": s.name, "batch": b, "accum": s.effective // b, "seq": s.seq, "grid": True})
             b //= 2
     for f in finals:
         key = (f["cap"], f["trainer"], f["precision"])
+        if not any(c["scenario"] == f["scenario"] for c in plan.get(key, [])):
+            continue  # the leak and NaN scenarios are not about fitting
         cfg = {"scenario": f["scenario"], "batch": f["batch"], "accum": f["accum"], "seq": f["seq"], "grid": False,
                "way": f["way"]}
         if key in plan and not any(_same(cfg, c) for c in plan[key]):
@@ -301,7 +308,9 @@ def run_sweeps(args) -> None:
         cmd = [sys.executable, __file__, "sweep-worker", "--model", args.model, "--spec", str(spec_file),
                "--work", str(work), *(["--tiny"] if args.tiny else [])]
         started = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=args.timeout_s)
+        # the allocator setting oomguard's child gets: "fits" means fits at its best
+        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=args.timeout_s,
+                              env={**os.environ, **ES})
         rows = json.loads(spec_file.with_suffix(".out.json").read_text()) if spec_file.with_suffix(
             ".out.json").exists() else []
         results["sweeps"].append({**{k: v for k, v in spec.items() if k != "configs"}, "rows": rows,
@@ -395,9 +404,13 @@ def report(args) -> None:
 
 
 def _final_tps(rows: list[dict], scenario: str, final: dict) -> tuple[float | None, str | None]:
+    """The final configuration's tokens/s and its ratio to the best grid configuration that fits.
+    A configuration is matched on (batch, accumulation, length), else on (batch, length): tokens/s
+    is a property of the micro-batch, accumulation only repeats it."""
     mine = [r for r in rows if r["scenario"] == scenario]
-    match = next((r for r in mine if (r["batch"], r["accum"], r["seq"]) == (
-        final["per_device_train_batch_size"], final["gradient_accumulation_steps"], final["max_seq_length"])), None)
+    key = (final["per_device_train_batch_size"], final["gradient_accumulation_steps"], final["max_seq_length"])
+    match = next((r for r in mine if (r["batch"], r["accum"], r["seq"]) == key), None) or \
+        next((r for r in mine if (r["batch"], r["seq"]) == (key[0], key[2]) and r.get("tokens_per_s")), None)
     fitting = [r["tokens_per_s"] for r in mine if r["grid"] and r["fits"] and r.get("tokens_per_s")]
     if not match or not match.get("tokens_per_s"):
         return None, None

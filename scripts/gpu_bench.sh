@@ -5,7 +5,9 @@
 # PHASE=1: 2-GPU DDP test + scenarios a,c (GPU 0) and b,nan (GPU 1).
 # PHASE=2: scenario leak + the 15 GiB sweep (GPU 0); the 24 GiB sweep + memory benchmark (GPU 1).
 #          The sweeps also measure the final configurations in benchmarks/results/bench-run-*.json.
-# PHASE=3: overhead benchmark; scenarios named in RERUN (e.g. RERUN=a,b) again.
+# PHASE=3: the DDP test again, then the 24 GiB sweep (GPU 0); scenario a2, the oomguard way of
+#          c and leak again, and plain HF with expandable segments on a (GPU 1).
+# PHASE=4: overhead benchmark (GPU 0); the 15 GiB sweep again (GPU 1).
 # Everything lands in $OUT (JSON results + logs.tgz); BUDGET_S bounds the whole call.
 set -u
 OUT=${OUT:?set OUT}; PHASE=${PHASE:-1}; BUDGET_S=${BUDGET_S:-540}
@@ -38,10 +40,23 @@ elif [ "$PHASE" = 2 ]; then
       --caps 24GiB --finals $FINALS --timeout_s 300;
    lane 1 memory python3 scripts/bench_memory.py --model "$MODEL" --out "$OUT/memory.json" --steps 4 \
       --shapes 2x512,2x2048 --full_length) &
+elif [ "$PHASE" = 3 ]; then
+  FINALS=$(ls benchmarks/results/bench-run-*.json 2>/dev/null)
+  (OOMGUARD_GPU_OUT=$OUT timeout 300 python3 -m pytest -m gpu tests/gpu/test_gpu_ddp.py -s -p no:cacheprovider \
+      > "$LOGS/ddp.log" 2>&1; echo "rc=$?" >> "$LOGS/ddp.log";
+   lane 0 sweep24 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-24.json" --work /tmp/w0 \
+      --caps 24GiB --finals $FINALS --timeout_s 330) &
+  (lane 1 g1 python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-3a.json" --work /tmp/w1 \
+      --scenarios a2 --deadline $DEADLINE;
+   lane 1 g1b python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-3b.json" --work /tmp/w1 \
+      --scenarios leak,c --ways oomguard --deadline $DEADLINE;
+   lane 1 g1c python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-3c.json" --work /tmp/w1 \
+      --scenarios a --ways plain_es --deadline $DEADLINE) &
 else
+  FINALS=$(ls benchmarks/results/bench-run-*.json 2>/dev/null)
   lane 0 overhead python3 scripts/bench_overhead.py --model8b "$MODEL" --tiny "$TINY" --out "$OUT/overhead.json" &
-  [ -n "${RERUN:-}" ] && lane 1 rerun python3 scripts/bench_recovery.py run --model "$MODEL" \
-      --out "$OUT/run-rerun.json" --work /tmp/w1 --scenarios "$RERUN" --deadline $DEADLINE &
+  lane 1 sweep15 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-15.json" --work /tmp/w1 \
+      --caps 15GiB --finals $FINALS --timeout_s 300 &
 fi
 wait
 tar czf "$OUT/logs.tgz" --exclude='*/out/*' --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \

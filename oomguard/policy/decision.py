@@ -98,6 +98,9 @@ def _no_progress(attempts: Sequence[AttemptView], window: int) -> bool:
 
 # --- handlers, one per failure kind ------------------------------------------------------
 def _on_oom(ctx: _Context, kind: FailureKind | None = None) -> Decision:
+    leak = _leak_note(ctx) if kind is None and ctx.failure.kind is FailureKind.CUDA_OOM else None
+    if leak is not None:
+        return _retry(ctx, None, _newest(ctx.checkpoints), note=leak)
     chain = ladder_chain(ctx.policy, kind or ctx.failure.kind)
     pick = _pick_rung(ctx, chain)
     if pick is None:
@@ -107,6 +110,22 @@ def _on_oom(ctx: _Context, kind: FailureKind | None = None) -> Decision:
                         f"(now {describe_knobs(ctx.knobs)}); giving up (use a GPU with more memory, "
                         "a smaller model, or lower the floors in the policy)")
     return _retry(ctx, pick, _newest(ctx.checkpoints))
+
+
+def _leak_note(ctx: _Context) -> str | None:
+    """Why to restart with the same knobs, when memory grew step after step at knobs that fit
+    until then (a leak in the training process: a fresh process frees it; a smaller recipe would
+    only delay the next OOM) and the attempt added optimizer steps; else None."""
+    growth, last = ctx.failure.memory_growth, ctx.attempts[-1]
+    if not growth or growth <= 0 or last.max_step is None:
+        return None
+    before = [a.max_step for a in ctx.attempts[:-1] if a.max_step is not None]
+    if before and last.max_step <= max(before):
+        return None  # no progress since the last restart: degrade as for any OOM
+    return (f"memory grew {growth / 2**20:.0f} MiB per step until the OOM, at knobs that had fit for "
+            f"{last.max_step - max(before, default=0)} step(s): a leak in the training process, which "
+            "a restart frees; resuming with the same knobs (the ladder applies if an attempt makes no "
+            "progress)")
 
 
 def _on_resume_oom(ctx: _Context) -> Decision:

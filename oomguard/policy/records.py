@@ -33,13 +33,16 @@ class GiveUpReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Failure:
-    """Why an attempt ended. ``step`` is the last completed optimizer step (None: none)."""
+    """Why an attempt ended. ``step`` is the last completed optimizer step (None: none);
+    ``memory_growth`` the steady growth of step peaks (bytes/step) the child saw before it
+    failed, None when memory was flat."""
 
     kind: FailureKind
     step: int | None = None
     phase: Phase = Phase.UNKNOWN
     detail: str = ""
     rank: int = 0
+    memory_growth: float | None = None
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,11 @@ from .journal import RunRecord
 def failure_dict(failure: Failure | None) -> dict[str, Any] | None:
     if failure is None:
         return None
-    return {"kind": failure.kind.value, "step": failure.step, "phase": failure.phase.value,
-            "detail": failure.detail, "rank": failure.rank}
+    out = {"kind": failure.kind.value, "step": failure.step, "phase": failure.phase.value,
+           "detail": failure.detail, "rank": failure.rank}
+    if failure.memory_growth:
+        out["memory_growth"] = failure.memory_growth
+    return out
 
 
 def data_profile(events: Iterable[dict[str, Any]]) -> DataProfile | None:
@@ -29,12 +32,20 @@ def data_profile(events: Iterable[dict[str, Any]]) -> DataProfile | None:
                        max_len=int(e["max_len"]))
 
 
+def memory_growth(events: Iterable[dict[str, Any]], since: float) -> float | None:
+    """Bytes/step of the last ``memory_growth`` a child reported after ``since`` (None: flat)."""
+    found = [e for e in events if e.get("event") == "memory_growth" and e.get("time", 0) >= since]
+    slope = found[-1].get("slope_bytes_per_step") if found else None
+    return float(slope) if isinstance(slope, (int, float)) and slope > 0 else None
+
+
 def attempt_views(record: RunRecord) -> list[AttemptView]:
     views = []
     for a in record.attempts:
         f = a.failure
         failure = Failure(kind=FailureKind(f["kind"]), step=f.get("step"), phase=phase_of(f.get("phase")),
-                          detail=f.get("detail", ""), rank=f.get("rank", 0)) if f else None
+                          detail=f.get("detail", ""), rank=f.get("rank", 0),
+                          memory_growth=f.get("memory_growth")) if f else None
         rung = RungRef(ladder=FailureKind(a.rung["ladder"]), index=a.rung["index"]) if a.rung else None
         views.append(AttemptView(n=a.n, knobs=a.knobs, rung=rung, failure=failure, max_step=a.max_step))
     return views

@@ -25,7 +25,7 @@ from .checkpoints import CheckpointScan, move_aside_incomplete, quarantine_after
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
-from .history import attempt_views, data_profile, decision_dict, failure_dict
+from .history import attempt_views, data_profile, decision_dict, failure_dict, memory_growth
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
 from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
@@ -208,6 +208,8 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
     attempt.max_step = _max_step(spec, events, attempt, records)
     failure = None if outcome.interrupted_by is not None else classify(
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
+    if failure is not None and failure.kind is FailureKind.CUDA_OOM:
+        failure = dataclasses.replace(failure, memory_growth=memory_growth(events, attempt.started))
     attempt.ended, attempt.exit_code, attempt.signal = time.time(), outcome.exit_code, outcome.signal
     attempt.failure = failure_dict(failure)
     if outcome.interrupted_by is not None:

@@ -276,3 +276,24 @@ def test_unbounded_length_rung_is_the_last_resort():
     lora = [a.knobs["lora_r"] for a in history]
     first_cut = seq.index(next(s for s in seq if s < 2048))
     assert batch[first_cut] == 1 and lora[first_cut] < 16  # only after the batch and rank rungs
+
+
+def _oom(n, knobs, step, growth=None, rung=None):
+    return AttemptView(n, knobs, rung, Failure(K.CUDA_OOM, step, Phase.FORWARD_BACKWARD, "", 0, growth), step)
+
+
+def test_oom_after_steady_growth_restarts_with_the_same_knobs():
+    pol = policy()
+    knobs = pol.start_knobs()
+    d = decide(pol, [_oom(1, knobs, 24, growth=512 * 2**20)], CKPTS)
+    assert d.action == "retry" and d.changes == () and d.rung is None
+    assert d.resume_from == "/run/ckpt/checkpoint-30"
+    assert "memory grew 512 MiB per step" in d.reason and "a leak" in d.reason
+    # the restart made progress and leaked again: same answer
+    d = decide(pol, [_oom(1, knobs, 24, 512 * 2**20), _oom(2, knobs, 40, 512 * 2**20)], CKPTS)
+    assert d.changes == () and "fit for 16 step(s)" in d.reason
+    # no progress since the last restart: the ladder as for any OOM
+    d = decide(pol, [_oom(1, knobs, 24, 512 * 2**20), _oom(2, knobs, 24, 512 * 2**20)], CKPTS)
+    assert d.rung == RungRef(K.CUDA_OOM, 0)
+    # flat memory: the ladder at once
+    assert decide(pol, [_oom(1, knobs, 24)], CKPTS).rung == RungRef(K.CUDA_OOM, 0)
