@@ -5,9 +5,10 @@
 # PHASE=1: 2-GPU DDP test + scenarios a,c (GPU 0) and b,nan (GPU 1).
 # PHASE=2: scenario leak + the 15 GiB sweep (GPU 0); the 24 GiB sweep + memory benchmark (GPU 1).
 #          The sweeps also measure the final configurations in benchmarks/results/bench-run-*.json.
-# PHASE=3: the DDP test again, then the 24 GiB sweep (GPU 0); scenario a2, the oomguard way of
-#          c and leak again, and plain HF with expandable segments on a (GPU 1).
-# PHASE=4: overhead benchmark (GPU 0); the 15 GiB sweep again (GPU 1).
+# PHASE=3: the DDP test again, then the 24 GiB sweep (GPU 0); scenario a2 and the oomguard way of
+#          c and leak again (GPU 1).
+# PHASE=4: overhead benchmark (GPU 0); the 15 GiB sweep again, plain HF with expandable segments on a (GPU 1).
+# PHASE=5: overhead again (GPU 0) and the oomguard way of a2 and c (GPU 1), after the cache clearer fix.
 # Everything lands in $OUT (JSON results + logs.tgz); BUDGET_S bounds the whole call.
 set -u
 OUT=${OUT:?set OUT}; PHASE=${PHASE:-1}; BUDGET_S=${BUDGET_S:-540}
@@ -52,11 +53,18 @@ elif [ "$PHASE" = 3 ]; then
       --scenarios leak,c --ways oomguard --deadline $DEADLINE;
    lane 1 g1c python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-3c.json" --work /tmp/w1 \
       --scenarios a --ways plain_es --deadline $DEADLINE) &
+elif [ "$PHASE" = 5 ]; then  # after the cache clearer fix: overhead and the oomguard way of a2 and c again
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lane 0 overhead python3 scripts/bench_overhead.py \
+      --model8b "$MODEL" --tiny "$TINY" --out "$OUT/overhead.json" &
+  lane 1 g1 python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-5.json" --work /tmp/w1 \
+      --scenarios a2,c --ways oomguard --deadline $DEADLINE &
 else
   FINALS=$(ls benchmarks/results/bench-run-*.json 2>/dev/null)
   lane 0 overhead python3 scripts/bench_overhead.py --model8b "$MODEL" --tiny "$TINY" --out "$OUT/overhead.json" &
-  lane 1 sweep15 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-15.json" --work /tmp/w1 \
-      --caps 15GiB --finals $FINALS --timeout_s 300 &
+  (lane 1 sweep15 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-15.json" --work /tmp/w1 \
+      --caps 15GiB --finals $FINALS --timeout_s 200;
+   lane 1 g1c python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-4c.json" --work /tmp/w1 \
+      --scenarios a --ways plain_es) &
 fi
 wait
 tar czf "$OUT/logs.tgz" --exclude='*/out/*' --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \

@@ -30,9 +30,16 @@ class MemorySample:
     cuda: bool = True  # False: no allocator figures (CPU), only host RSS is meaningful
 
     @property
-    def fragmentation(self) -> int:
-        """Reserved but not allocated, bytes: the caching allocator's slack."""
+    def slack(self) -> int:
+        """Reserved but not allocated, bytes: the caching allocator's cache. Large after every
+        step (the step's activations were freed into it) and reused by the next: not a problem."""
         return max(0, self.reserved - self.allocated)
+
+    @property
+    def fragmentation(self) -> int:
+        """Free bytes stranded inside split blocks that are partly in use (``inactive_split``):
+        cached memory a large allocation cannot use (DESIGN §6: 3 GiB stuck there caused an OOM)."""
+        return self.inactive_split
 
     @property
     def fragmentation_ratio(self) -> float:
@@ -43,7 +50,7 @@ class MemorySample:
             return {k: v for k, v in {"host_rss": self.host_rss}.items() if v is not None}
         fields = {
             "allocated": self.allocated, "reserved": self.reserved, "active": self.active,
-            "step_peak": self.peak, "fragmentation": self.fragmentation,
+            "step_peak": self.peak, "slack": self.slack,
             "inactive_split": self.inactive_split, "alloc_retries": self.alloc_retries,
             "num_ooms": self.ooms, "device_used": self.device_used, "host_rss": self.host_rss,
         }

@@ -65,7 +65,8 @@ class MemoryMonitorCallback(TrainerCallback):
             logs["oomguard/allocated_gib"] = round(s.allocated / GIB, 3)
             logs["oomguard/reserved_gib"] = round(s.reserved / GIB, 3)
             logs["oomguard/step_peak_gib"] = round(s.peak / GIB, 3)
-            logs["oomguard/fragmentation_gib"] = round(s.fragmentation / GIB, 3)
+            logs["oomguard/fragmentation_gib"] = round(s.fragmentation / GIB, 3)  # inactive_split
+            logs["oomguard/cache_slack_gib"] = round(s.slack / GIB, 3)
             logs["oomguard/alloc_retries"] = s.alloc_retries
         if s.host_rss is not None:
             logs["oomguard/host_rss_gib"] = round(s.host_rss / GIB, 3)
