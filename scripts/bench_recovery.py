@@ -379,28 +379,54 @@ def _sweep_tps(steps: list[dict]) -> float | None:
 
 # --- report ---------------------------------------------------------------------------------------------
 def report(args) -> None:
-    runs, sweeps = {}, []
+    """Markdown tables from result files; a later file's way of a scenario replaces an earlier one."""
+    runs: dict[str, dict] = {}
+    rows: dict[tuple, dict] = {}
     for p in args.files:
         data = json.loads(Path(p).read_text())
-        runs.update(data.get("scenarios", {}))
-        sweeps += data.get("sweeps", [])
-    rows = [r for sw in sweeps for r in sw["rows"]]
+        for name, entry in data.get("scenarios", {}).items():
+            mine = runs.setdefault(name, {"spec": entry["spec"], "ways": {}})
+            for way, r in entry["ways"].items():
+                if "skipped" not in r:
+                    mine["ways"][way] = {**r, "source": Path(p).stem}
+        for sw in data.get("sweeps", []):
+            for r in sw["rows"]:
+                rows[(r["scenario"], r["batch"], r["accum"], r["seq"])] = r
     print("| scenario | way | finished | batch x accum (eff.) | max_seq_length | lora_r | precision | "
-          "tokens cut | steps lost | failure -> next step (s) | tokens/s | / best that fits |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "tokens cut | steps lost | failure -> next step (s) | tokens/s | / best that fits | result file |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, entry in runs.items():
-        for way, r in entry["ways"].items():
-            if "skipped" in r:
-                print(f"| {name} | {way} | not run: {r['skipped']} |" + " |" * 9)
-                continue
+        for way in sorted(entry["ways"], key=lambda w: (w != "oomguard", w)):
+            r = entry["ways"][way]
             f = r["final"]
-            tps, ratio = _final_tps(rows, name, f)
+            done, why = _verdict(r)
+            tps, ratio = _final_tps(list(rows.values()), name, f) if done else (None, None)
             lost = r.get("steps_lost", "-" if r["finished"] else f"all ({r.get('crashed_at_step', '?')} done)")
             times = ", ".join(f"{t:.0f}" for t in r.get("failure_to_next_step_s") or [] if t is not None) or "-"
-            print(f"| {name} | {way} | {'yes' if r['finished'] else 'NO'} | {f['per_device_train_batch_size']} x "
+            print(f"| {name} | {way} | {why} | {f['per_device_train_batch_size']} x "
                   f"{f['gradient_accumulation_steps']} ({f['effective_batch']}) | {f['max_seq_length']} | "
                   f"{f['lora_r']} | {f['precision']} | {100 * r['truncated_share']:.1f} % | {lost} | {times} | "
-                  f"{tps or '-'} | {ratio or '-'} |")
+                  f"{tps or '-'} | {ratio or '-'} | {r['source']} |")
+    if rows:
+        print("\n| sweep: scenario | batch x accum x length | fits | tokens/s | step peak allocated (GiB) |")
+        print("|---|---|---|---|---|")
+        for r in rows.values():
+            print(f"| {r['scenario']}{'' if r['grid'] else ' (final of ' + r.get('way', '?') + ')'} | "
+                  f"{r['batch']} x {r['accum']} x {r['seq']} | {'yes' if r['fits'] else 'no'} | "
+                  f"{r.get('tokens_per_s') or '-'} | {r.get('peak_allocated_gib') or '-'} |")
+
+
+def _verdict(r: dict) -> tuple[bool, str]:
+    """Finished or not, in words. Results written before the raw non-finite count existed are
+    judged by their logged losses: exactly 0.0 is what ``logging_nan_inf_filter`` logs for NaN."""
+    losses = r.get("losses") or []
+    if r["finished"] and r.get("nonfinite_steps") is None and losses and all(x == 0.0 for x in losses):
+        return False, "NO: ran to the end on NaN losses (logged as 0.0)"
+    if r["finished"]:
+        return True, "yes"
+    if r.get("status") in ("failed", "gave_up"):
+        return False, f"NO: gave up after {r.get('attempts')} attempts"
+    return False, "NO" + (f": {r['errors'][-1].split(':')[0]}" if r.get("errors") else "")
 
 
 def _final_tps(rows: list[dict], scenario: str, final: dict) -> tuple[float | None, str | None]:
