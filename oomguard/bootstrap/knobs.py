@@ -23,6 +23,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
 LORA_KNOBS = (protocol.KNOB_LORA_R, protocol.KNOB_LORA_ALPHA)
 # How the supervisor's command builder says a knob reached the command line.
 BY_COMMAND = ("flag", "appended", "placeholder")
+# A knob no rung has changed yet, not on the command line: the policy's value is only an offer.
+# The child keeps a value its script set explicitly (one that differs from the arguments class's
+# default) and reports it; the supervisor adopts it as the requested value (the ladder starts there).
+OFFER = "offer"
 
 
 class Via(str, enum.Enum):
@@ -31,6 +35,7 @@ class Via(str, enum.Enum):
     FLAG = "flag"  # the supervisor rewrote the command; the value was already right in-process
     IN_PROCESS = "in_process"  # the bootstrap set it on the object the child built
     UNCHANGED = "unchanged"  # the child's own value already equalled the knob
+    ADOPTED = "adopted"  # an offered knob the script had set itself: its value stays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,21 @@ def via(knob: str, old: Any, new: Any, delivered: Mapping[str, str]) -> Via:
     return Via.FLAG if delivered.get(knob) in BY_COMMAND else Via.UNCHANGED
 
 
+def class_default(obj: Any, name: str) -> Any:
+    """The default of field ``name`` in ``obj``'s dataclass (``dataclasses.MISSING`` if none)."""
+    if not dataclasses.is_dataclass(obj):
+        return dataclasses.MISSING
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            return f.default
+    return dataclasses.MISSING
+
+
+def script_set(obj: Any, names: tuple[str, ...]) -> bool:
+    """True when the script gave any of ``names`` a value other than its class default."""
+    return any((d := class_default(obj, n)) is not dataclasses.MISSING and getattr(obj, n, d) != d for n in names)
+
+
 def plan(args: Any, knobs: Mapping[str, Any], delivered: Mapping[str, str] | None = None, *,
          cuda: bool = True) -> tuple[list[KnobChange], list[KnobSkipped]]:
     """What applying ``knobs`` to ``args`` would change, and what cannot be applied (why)."""
@@ -76,6 +96,9 @@ def plan(args: Any, knobs: Mapping[str, Any], delivered: Mapping[str, str] | Non
     for knob, value in knobs.items():
         if knob in LORA_KNOBS:
             continue
+        if delivered.get(knob) == OFFER and script_set(args, _fields_of(knob, names)):
+            changes += _adopted(args, names, knob)
+            continue
         if knob == protocol.KNOB_PRECISION:
             found, why = _precision(args, names, str(value), delivered, cuda)
         else:
@@ -84,6 +107,15 @@ def plan(args: Any, knobs: Mapping[str, Any], delivered: Mapping[str, str] | Non
         if why:
             skipped.append(KnobSkipped(knob, why))
     return changes, skipped
+
+
+def _fields_of(knob: str, names: set[str]) -> tuple[str, ...]:
+    fields = ("bf16", "fp16") if knob == protocol.KNOB_PRECISION else FIELDS.get(knob, (knob,))
+    return tuple(f for f in fields if f in names)
+
+
+def _adopted(args: Any, names: set[str], knob: str) -> list[KnobChange]:
+    return [KnobChange(knob, f, getattr(args, f), getattr(args, f), Via.ADOPTED) for f in _fields_of(knob, names)]
 
 
 def _plain(args: Any, names: set[str], knob: str, value: Any, delivered) -> tuple[list[KnobChange], str]:

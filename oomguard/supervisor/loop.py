@@ -25,7 +25,8 @@ from .checkpoints import CheckpointScan, move_aside_incomplete, quarantine_after
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
-from .history import attempt_views, data_profile, decision_dict, failure_dict, memory_growth
+from .history import (adopted_knobs, attempt_views, changed_knobs, data_profile, decision_dict, failure_dict,
+                      memory_growth, offer_unchanged)
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
 from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
@@ -160,7 +161,8 @@ def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume
     built = build_command(record.command, record.config, spec.flags, resume)
     attempt = AttemptRecord(n=n, started=time.time(), knobs=dict(record.config),
                             rung={"ladder": rung.ladder.value, "index": rung.index} if rung else None,
-                            resumed_from=resume, command=list(built.argv), delivered=dict(built.delivered))
+                            resumed_from=resume, command=list(built.argv),
+                            delivered=offer_unchanged(dict(built.delivered), changed_knobs(record)))
     record.attempts.append(attempt)
     atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
     journal.save()
@@ -205,6 +207,7 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
                     outcome: ChildOutcome) -> Failure | None:
     records = read_error_records(journal.attempt_dir(attempt.n) / ERROR_JSON)
     events = journal.events()  # read once: progress and the bootstrap's outcome both come from it
+    _adopt(spec, journal, attempt, adopted_knobs(events, attempt.started))
     attempt.max_step = _max_step(spec, events, attempt, records)
     failure = None if outcome.interrupted_by is not None else classify(
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
@@ -227,6 +230,21 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
         _say(spec, f"attempt {attempt.n} failed{on_rank}: {failure.kind.value} at step {failure.step} "
              f"({failure.phase.value}): {failure.detail}")
     return failure
+
+
+def _adopt(spec: RunSpec, journal: Journal, attempt: AttemptRecord, adopted: dict[str, Any]) -> None:
+    """Knobs the wrapped script set itself (and no rung has changed) become the run's requested
+    values: the ladder starts from what the child really ran."""
+    adopted = {k: v for k, v in adopted.items() if attempt.knobs.get(k) != v}
+    if not adopted:
+        return
+    record = journal.record
+    attempt.knobs.update(adopted)
+    record.config.update(adopted)
+    record.requested.update({k: v for k, v in adopted.items() if k not in changed_knobs(record)})
+    journal.event("knobs_adopted", attempt=attempt.n, knobs=adopted)
+    _say(spec, "the script sets " + ", ".join(f"{k}={v}" for k, v in adopted.items())
+         + " itself: kept, and the ladder starts there (a rung's change is applied over it)")
 
 
 def _own_footprint() -> dict[str, int]:

@@ -91,8 +91,8 @@ def test_genuine_oom_on_one_rank_recovers_both_ranks(tmp_path, record):
     big, small = peak(tmp_path, script, BIG), peak(tmp_path, script, SMALL)
     cap = int((big * small) ** 0.5)  # between the two shapes' peaks, as test_gpu_supervised calibrates
     assert small * 1.1 < cap < big / 1.1, (big, small)
-    # knobs = the script's own (batch 16, bf16): a policy's starting knobs are applied to a wrapped
-    # Trainer the command does not give as flags (a first GPU run with wrap.yaml trained at batch 4)
+    # knobs = the script's own (batch 16, bf16); a first GPU run with wrap.yaml (batch 4, fp32) trained
+    # at batch 4 before the bootstrap learned to keep values a script sets itself
     policy = ROOT / "tests" / "gpu" / "policies" / "ddp.yaml"  # cuda_oom: halve batch, accumulation x2
     run_dir = tmp_path / "run"
     r = run_py(["-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir), "--quiet", "--",

@@ -92,8 +92,29 @@ def test_plain_sft_script_with_lora_config_gets_the_new_rank(tmp_path, model_dir
     run, events = recovered(tmp_path / "run")
     assert run["config"]["lora_r"] == 4
     lora = of(events, "bootstrap_lora")
-    assert [(e["r"]["old"], e["r"]["new"], e["via"]) for e in lora] == [(8, 8, "unchanged"), (8, 4, "in_process")]
+    # attempt 1: the script's own lora_alpha=16 (LoraConfig's default is 8) is kept as offered
+    assert [(e["r"]["old"], e["r"]["new"], e["via"]) for e in lora] == [(8, 8, "adopted"), (8, 4, "in_process")]
+    assert lora[0]["adopted"] == {"lora_alpha": 16}
     final = json.loads((out / "adapter_config.json").read_text())  # the script's own save_model
     resumed = json.loads((Path(run["checkpoint_dir"]) / "checkpoint-4" / "adapter_config.json").read_text())
     assert final["r"] == resumed["r"] == 4 and final["lora_alpha"] == 16
     assert saved_args(out / "training_args.bin").max_length == 64
+
+
+def test_a_script_value_the_policy_only_offers_is_kept_and_the_ladder_starts_there(tmp_path):
+    """The script hard-codes batch 4; the policy starts at 16. Attempt 1 trains at 4 (the policy's
+    value is only an offer for a knob no rung has changed), the journal says so, and the batch rung
+    halves 4 -> 2 (accumulation x2) — an order the bootstrap applies over the script's value."""
+    run_dir = tmp_path / "run"
+    oomguard_run(run_dir, HERE / "policies" / "wrap_adopt.yaml", sys.executable,
+                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4")
+    run, events = recovered(run_dir)
+    assert run["attempts"][0]["delivered"]["per_device_train_batch_size"] == "offer"
+    assert knob_paths(of(events, "bootstrap_trainer", 1)[0])["per_device_train_batch_size"] == "adopted"
+    assert [e["knobs"] for e in of(events, "knobs_adopted")] == [{"per_device_train_batch_size": 4}]
+    assert run["requested"]["per_device_train_batch_size"] == 4 and run["attempts"][0]["knobs"][
+        "per_device_train_batch_size"] == 4
+    assert run["attempts"][1]["delivered"]["per_device_train_batch_size"] == "env"  # changed by a rung: an order
+    assert knob_paths(of(events, "bootstrap_trainer", 2)[0])["per_device_train_batch_size"] == "in_process"
+    args = saved_args(Path(run["checkpoint_dir"]) / "checkpoint-4" / "training_args.bin")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)

@@ -18,3 +18,28 @@ def test_failure_dict_keeps_growth_only_when_seen():
     grown = Failure(FailureKind.CUDA_OOM, 24, Phase.FORWARD_BACKWARD, "oom", 0, 5e8)
     assert failure_dict(grown)["memory_growth"] == 5e8
     assert "memory_growth" not in failure_dict(Failure(FailureKind.CUDA_OOM, 3))
+
+
+def test_offers_go_only_to_env_knobs_no_decision_changed():
+    from oomguard.supervisor.history import offer_unchanged
+
+    delivered = {"per_device_train_batch_size": "env", "gradient_accumulation_steps": "env", "lora_r": "flag"}
+    assert offer_unchanged(delivered, {"gradient_accumulation_steps"}) == {
+        "per_device_train_batch_size": "offer", "gradient_accumulation_steps": "env", "lora_r": "flag"}
+
+
+def test_adopted_knobs_from_rank_zero_banners_of_this_attempt():
+    from oomguard.supervisor.history import adopted_knobs
+
+    banner = {"event": "bootstrap_trainer", "time": 20.0, "rank": 0, "knobs": [
+        {"knob": "per_device_train_batch_size", "field": "per_device_train_batch_size", "old": 16, "new": 16,
+         "via": "adopted"},
+        {"knob": "precision", "field": "bf16", "old": True, "new": True, "via": "adopted"},
+        {"knob": "precision", "field": "fp16", "old": False, "new": False, "via": "adopted"},
+        {"knob": "gradient_accumulation_steps", "field": "gradient_accumulation_steps", "old": 1, "new": 2,
+         "via": "in_process"}]}
+    lora = {"event": "bootstrap_lora", "time": 21.0, "adopted": {"lora_alpha": 64}}
+    older = {**banner, "time": 5.0, "knobs": [{**banner["knobs"][0], "new": 99, "old": 99}]}
+    rank1 = {**banner, "rank": 1, "knobs": [{**banner["knobs"][0], "new": 7, "old": 7}]}
+    assert adopted_knobs([older, banner, rank1, lora], since=10.0) == {
+        "per_device_train_batch_size": 16, "precision": "bf16", "lora_alpha": 64}
