@@ -299,5 +299,7 @@ def find_oom(text: str) -> str | None:
 # The in-child bootstrap (oomguard/bootstrap/) that guards an unchanged Trainer command.
 ENV_BOOTSTRAP = "OOMGUARD_BOOTSTRAP"  # "0"/"off"/"false": no PYTHONPATH injection, nothing patched
 ENV_BOOTSTRAP_SKIP = "OOMGUARD_BOOTSTRAP_SKIP"  # comma list of parts to leave alone, e.g. "knobs,resume"
-ENV_DELIVERED = "OOMGUARD_DELIVERED"  # JSON knob -> "flag" | "appended" | "placeholder" | "env" (command build)
+ENV_DELIVERED = "OOMGUARD_DELIVERED"  # JSON knob -> "flag" | "appended" | "placeholder" | "env" | "offer"
+# "offer": env delivery of a knob no rung has changed yet; the child keeps a value its script set itself
+DELIVERY_OFFER = "offer"
 EVENT_BOOTSTRAP_TRAINER = "bootstrap_trainer"  # the child patched a Trainer it built (each rank writes one)

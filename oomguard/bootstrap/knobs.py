@@ -26,7 +26,7 @@ BY_COMMAND = ("flag", "appended", "placeholder")
 # A knob no rung has changed yet, not on the command line: the policy's value is only an offer.
 # The child keeps a value its script set explicitly (one that differs from the arguments class's
 # default) and reports it; the supervisor adopts it as the requested value (the ladder starts there).
-OFFER = "offer"
+OFFER = protocol.DELIVERY_OFFER
 
 
 class Via(str, enum.Enum):

@@ -158,7 +158,8 @@ class _RecordingSampler:
 
 def _batch_size(inputs: Any) -> int | None:
     """Rows in a batch, or None when it cannot be told. Collators return mappings that are not
-    dicts (transformers' ``BatchEncoding`` is a ``UserDict``: found on an H100 run)."""
+    dicts (transformers' ``BatchEncoding`` is a ``UserDict``: a wrapped HF Trainer script with
+    DataCollatorForLanguageModeling crashed on it, found by scripts/bench_recovery.py)."""
     if not isinstance(inputs, Mapping):
         return None
     for key in ("input_ids", "inputs_embeds", "labels"):

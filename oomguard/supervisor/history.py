@@ -8,10 +8,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ..policy import AttemptView, DataProfile, Decision, Failure, RungRef
-from ..protocol import EVENT_BOOTSTRAP_TRAINER, FailureKind, Phase
+from ..protocol import DELIVERY_OFFER, EVENT_BOOTSTRAP_TRAINER, FailureKind, Phase
 from .journal import RunRecord
-
-OFFER = "offer"  # delivery of a knob the child may keep if its script set it (bootstrap/knobs.py)
 
 
 def failure_dict(failure: Failure | None) -> dict[str, Any] | None:
@@ -74,7 +72,7 @@ def changed_knobs(record: RunRecord) -> set[str]:
 
 def offer_unchanged(delivered: dict[str, str], changed: set[str]) -> dict[str, str]:
     """``delivered`` with "env" turned into "offer" for the knobs no decision has changed."""
-    return {k: (OFFER if v == "env" and k not in changed else v) for k, v in delivered.items()}
+    return {k: (DELIVERY_OFFER if v == "env" and k not in changed else v) for k, v in delivered.items()}
 
 
 def adopted_knobs(events: Iterable[dict[str, Any]], since: float) -> dict[str, Any]:
