@@ -119,6 +119,7 @@ def test_launcher_parents_are_recognised(argv, expected):
     assert is_launcher(argv) is expected
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # SFTConfig's own default
 def test_an_offered_knob_the_script_set_itself_is_kept():
     from trl import SFTConfig
 
