@@ -27,6 +27,9 @@ ENV_VRAM_LIMIT = "OOMGUARD_VRAM_LIMIT"  # e.g. "24GiB"; "" for none
 ENV_INJECT = "OOMGUARD_INJECT"  # e.g. "cuda_oom@step=5;nan@step=9"
 # additions beyond DESIGN §3 (additive, documented in the README)
 ENV_CHECKPOINT_DIR = "OOMGUARD_CHECKPOINT_DIR"  # where the child writes checkpoint-N/
+# Files of an HF Trainer checkpoint that both sides read
+CKPT_TRAINER_STATE = "trainer_state.json"  # written last; holds global_step
+CKPT_TRAINING_ARGS = "training_args.bin"
 ENV_SUPERVISOR_PID = "OOMGUARD_SUPERVISOR_PID"  # the child stops if this process dies
 
 # --- run directory (contract) -------------------------------------------------

@@ -49,6 +49,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_common  # noqa: E402
+from oomguard.protocol import atomic_write_json  # noqa: E402
 
 WARMUP = 2  # steps dropped at the start of each arm
 SHAPES = {"tiny": (8, 256), "8b": (2, 1024)}  # per-device batch, max length
@@ -68,7 +69,7 @@ def main() -> None:
     if missing:
         sys.exit(f"bench_overhead: {' and '.join(missing)} needed (or pick one model with --only)")
     command = shlex.join(["python", "scripts/bench_overhead.py", *sys.argv[1:]])
-    write_json(args.out, {"versions": None, "models": {}, "command": command})
+    atomic_write_json(args.out, {"versions": None, "models": {}, "command": command})
     for key in models:
         print(f"bench_overhead: {key}: starting its own process", flush=True)
         rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", key]).returncode
@@ -115,19 +116,12 @@ def print_table(result: dict) -> None:
 
 
 # --- JSON, written incrementally ------------------------------------------------------------------
-def write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def update_model(path: str, key: str, fields: dict, versions: dict | None = None) -> None:
     result = json.loads(Path(path).read_text())
     result["models"].setdefault(key, {}).update(fields)
     if versions is not None:
         result["versions"] = versions
-    write_json(path, result)
+    atomic_write_json(path, result)
 
 
 # --- the child: one model, all arms --------------------------------------------------------------

@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_common  # noqa: E402
+from oomguard.protocol import read_jsonl  # noqa: E402
 
 POLICIES = ROOT / "oomguard" / "policies"
 WAYS = ("oomguard", "plain", "auto")  # run order: the one under test first
@@ -136,15 +137,7 @@ def run_way(way: str, s: Scenario, model: str, data: Path, work: Path, inject: s
 
 
 def read_events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass  # a line torn by a kill
-    return out
+    return list(read_jsonl(path))  # a line torn by a kill is skipped
 
 
 def measure(way: str, s: Scenario, work: Path) -> dict:
@@ -199,13 +192,7 @@ def _first_step_after(steps: list[dict], t: float) -> float | None:
 
 def _run_tps(steps: list[dict]) -> float | None:
     """Non-padding tokens/s of the last process's steps after its first (warm-up) step."""
-    if not steps:
-        return None
-    mine = [e for e in steps if e["pid"] == steps[-1]["pid"]][1:]
-    if len(mine) < 2:
-        return None
-    span = mine[-1]["time"] - mine[0]["time"]
-    return round(sum(e["tokens"] for e in mine[1:]) / span, 1) if span > 0 else None
+    return _tokens_per_s([e for e in steps if e["pid"] == steps[-1]["pid"]][1:]) if steps else None
 
 
 def _peak(steps: list[dict]) -> float | None:
@@ -216,8 +203,6 @@ def _peak(steps: list[dict]) -> float | None:
 def _journal_highlights(run_dir: Path) -> list[dict]:
     keep = {"memory_growth", "pressure_save", "emergency_save", "decision", "resume_position_inexact",
             "nan_detected", "vram_limit", "checkpoint_skipped"}
-    from oomguard.protocol import read_jsonl
-
     return [{k: v for k, v in e.items() if k not in ("knobs_before",)}
             for e in read_jsonl(run_dir / "events.jsonl") if e.get("event") in keep][:30]
 
@@ -358,7 +343,7 @@ def sweep_worker(args) -> None:
         except torch.OutOfMemoryError as exc:
             row["fits"], row["error"] = False, str(exc).splitlines()[0][:200]
         steps = [e for e in read_events(events) if e["event"] == "step"]
-        row["tokens_per_s"] = _sweep_tps(steps) if row["fits"] else None
+        row["tokens_per_s"] = _tokens_per_s(steps) if row["fits"] else None
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) \
             if torch.cuda.is_available() else None
         rows.append(row)
@@ -369,8 +354,8 @@ def sweep_worker(args) -> None:
             torch.cuda.empty_cache()
 
 
-def _sweep_tps(steps: list[dict]) -> float | None:
-    """Tokens/s over the steps after the first (warm-up)."""
+def _tokens_per_s(steps: list[dict]) -> float | None:
+    """Tokens/s over the steps after the first (warm-up): tokens of steps 2..n over their span."""
     if len(steps) < 2:
         return None
     span = steps[-1]["time"] - steps[0]["time"]

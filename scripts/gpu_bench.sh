@@ -16,6 +16,8 @@ MODEL=${BENCH_MODEL:-/tmp/llama3-8b-random}; TINY=${BENCH_TINY:-/tmp/bench-tiny}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 LOGS=$OUT/logs; mkdir -p "$LOGS"
 START=$(date +%s); DEADLINE=$((START + BUDGET_S - 150))   # no new run starts in the last 150 s
+# final configurations of earlier phases' runs: the sweeps measure them too
+FINALS=$(ls benchmarks/results/*-recovery/p*-run-*.json 2>/dev/null)
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$LOGS/gpus.csv" 2>&1
 lane() { local gpu=$1 name=$2; shift 2; CUDA_VISIBLE_DEVICES=$gpu timeout $((BUDGET_S - 20)) "$@" > "$LOGS/$name.log" 2>&1; echo "rc=$?" >> "$LOGS/$name.log"; }
 
@@ -32,7 +34,6 @@ if [ "$PHASE" = 1 ]; then
   lane 1 g1 python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-g1.json" --work /tmp/w1 \
       --scenarios b,nan --deadline $DEADLINE &
 elif [ "$PHASE" = 2 ]; then
-  FINALS=$(ls benchmarks/results/*-recovery/p*-run-*.json 2>/dev/null)
   (lane 0 g0 python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-leak.json" --work /tmp/w0 \
       --scenarios leak --deadline $DEADLINE;
    lane 0 sweep15 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-15.json" --work /tmp/w0 \
@@ -42,7 +43,6 @@ elif [ "$PHASE" = 2 ]; then
    lane 1 memory python3 scripts/bench_memory.py --model "$MODEL" --out "$OUT/memory.json" --steps 4 \
       --shapes 2x512,2x2048 --full_length) &
 elif [ "$PHASE" = 3 ]; then
-  FINALS=$(ls benchmarks/results/*-recovery/p*-run-*.json 2>/dev/null)
   (OOMGUARD_GPU_OUT=$OUT timeout 300 python3 -m pytest -m gpu tests/gpu/test_gpu_ddp.py -s -p no:cacheprovider \
       > "$LOGS/ddp.log" 2>&1; echo "rc=$?" >> "$LOGS/ddp.log";
    lane 0 sweep24 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-24.json" --work /tmp/w0 \
@@ -59,7 +59,6 @@ elif [ "$PHASE" = 5 ]; then  # after the cache clearer fix: overhead and the oom
   lane 1 g1 python3 scripts/bench_recovery.py run --model "$MODEL" --out "$OUT/run-5.json" --work /tmp/w1 \
       --scenarios a2,c --ways oomguard --deadline $DEADLINE &
 else
-  FINALS=$(ls benchmarks/results/*-recovery/p*-run-*.json 2>/dev/null)
   lane 0 overhead python3 scripts/bench_overhead.py --model8b "$MODEL" --tiny "$TINY" --out "$OUT/overhead.json" &
   (lane 1 sweep15 python3 scripts/bench_recovery.py sweep --model "$MODEL" --out "$OUT/sweep-15.json" --work /tmp/w1 \
       --caps 15GiB --finals $FINALS --timeout_s 200;

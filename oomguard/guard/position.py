@@ -26,9 +26,7 @@ from typing import Sequence
 
 from oomguard.guard.ledger import StepSamples, ledger_file, order_file, read_ledger, read_orders, \
     remaining_in_epoch
-
-TRAINING_ARGS = "training_args.bin"
-TRAINER_STATE = "trainer_state.json"
+from oomguard.protocol import CKPT_TRAINER_STATE, CKPT_TRAINING_ARGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +114,7 @@ def checkpoint_args(checkpoint: Path):
     import torch
 
     try:  # our own checkpoint: the pickled TrainingArguments HF wrote beside the weights
-        return torch.load(checkpoint / TRAINING_ARGS, map_location="cpu", weights_only=False)
+        return torch.load(checkpoint / CKPT_TRAINING_ARGS, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - a missing or foreign file means "unknown", not a failure
         return None
 
@@ -159,7 +157,7 @@ def state_packed_length_change(trainer, checkpoint: Path, journal, *, reason: st
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"])
+    return int(json.loads((checkpoint / CKPT_TRAINER_STATE).read_text())["global_step"])
 
 
 def apply_position(trainer, ledger, checkpoint: Path, run_dir: Path, rank: int, journal) -> PositionPlan | None:

@@ -22,14 +22,14 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..protocol import read_error_records
+from ..protocol import CKPT_TRAINER_STATE, CKPT_TRAINING_ARGS, read_error_records
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin",
                 "pytorch_model.bin", "model.safetensors.index.json")
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 # torch.save files a resume reads; since torch 1.6 each is a zip archive
-TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "training_args.bin",
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", CKPT_TRAINING_ARGS,
                "adapter_model.bin", "pytorch_model.bin")
 ADAPTER_CONFIG = "adapter_config.json"
 QUARANTINE_DIR = "quarantine"
@@ -100,7 +100,7 @@ def inspect_checkpoint(path: Path) -> CheckpointScan:
     step = int(_CKPT_RE.match(path.name).group(1))  # type: ignore[union-attr]
     problems: list[str] = []
     warnings: list[str] = []
-    state_file = path / "trainer_state.json"
+    state_file = path / CKPT_TRAINER_STATE
     try:
         state = json.loads(state_file.read_text())
         if int(state.get("global_step", -1)) != step:

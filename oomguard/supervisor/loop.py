@@ -17,7 +17,7 @@ import psutil
 from ..errors import ExitCode
 from ..policy import (CheckpointInfo, Decision, Failure, GiveUpReason, RungRef,
                       decide, effective_batch)
-from ..protocol import (ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
+from ..protocol import (CKPT_TRAINER_STATE, ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
                         ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
                         KNOBS_JSON, POLICY_COPY, FailureKind, RunStatus, atomic_write_json,
                         read_error_records)
@@ -265,7 +265,7 @@ def _max_step(spec: RunSpec, events: list[dict[str, Any]], attempt: AttemptRecor
 
 def _mtime(path: Path) -> float:
     try:
-        return (path / "trainer_state.json").stat().st_mtime
+        return (path / CKPT_TRAINER_STATE).stat().st_mtime
     except OSError:
         return 0.0
 
