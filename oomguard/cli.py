@@ -49,6 +49,7 @@ def run(ctx: typer.Context,
         vram_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB."),
         inject: Optional[str] = typer.Option(None, help="Faults for the child, e.g. 'cuda_oom@step=5;nan@step=9'."),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the child writes checkpoint-N (default: its --output_dir)."),
+        start_from_policy: bool = typer.Option(False, help="Attempt 1 takes the policy's knobs where the command sets no flag (default: the command as written)."),
         dry_run: bool = typer.Option(False, help="Print policy, knobs and the first command line; start nothing."),
         quiet: bool = typer.Option(False, help="Do not echo the child's output (it is still logged)."),
         ) -> None:
@@ -60,15 +61,17 @@ def run(ctx: typer.Context,
         rd = run_dir or _default_run_dir()
         command = list(ctx.args) or _existing_command(rd)
         spec = build_spec(command, policy_arg=policy, run_dir=rd, checkpoint_dir=checkpoint_dir,
-                          vram_limit=vram_limit, inject=inject, echo=not quiet)
+                          vram_limit=vram_limit, inject=inject, echo=not quiet, start_from_policy=start_from_policy)
         if dry_run:
-            built = build_command(spec.command, spec.requested, spec.flags)
+            built = build_command(spec.command, spec.orders, spec.extra_flags)
             typer.echo(f"policy: {spec.policy.name} ({getattr(spec.policy, 'source', '')})")
             typer.echo(f"gpu: {spec.gpu.name if spec.gpu else 'none detected'}")
             typer.echo(f"policy knobs: {json.dumps(policy_knobs(spec.policy))}")
-            typer.echo(f"starting knobs: {json.dumps(spec.requested)}")
-            typer.echo(f"delivered: {json.dumps(dict(built.delivered))}")
-            typer.echo(f"run dir: {spec.run_dir}   checkpoints: {spec.checkpoint_dir}")
+            typer.echo(f"knobs the command states as flags: {json.dumps(spec.requested)} "
+                       "(the rest is read in the child when its Trainer is built)")
+            typer.echo(f"attempt 1 orders (set in the child): {json.dumps(spec.orders)}"
+                       + ("  [the policy's, --start-from-policy]" if spec.orders else ""))
+            typer.echo(f"run dir: {spec.run_dir}   checkpoints: {spec.checkpoint_dir or 'where the Trainer saves'}")
             typer.echo(f"command: {shlex.join(built.argv)}")
             return
         typer.echo(f"[oomguard] run dir: {spec.run_dir} · policy {spec.policy.name}", err=True)

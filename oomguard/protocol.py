@@ -21,7 +21,7 @@ from typing import Any, Iterator
 ENV_RUN_DIR = "OOMGUARD_RUN_DIR"
 ENV_ATTEMPT = "OOMGUARD_ATTEMPT"
 ENV_ERROR_FILE = "OOMGUARD_ERROR_FILE"
-ENV_KNOBS = "OOMGUARD_KNOBS"  # JSON object of knob -> value
+ENV_KNOBS = "OOMGUARD_KNOBS"  # JSON object of knob -> value oomguard asks the child to set ({} on attempt 1)
 ENV_RESUME_FROM = "OOMGUARD_RESUME_FROM"  # checkpoint dir, or "" for a fresh start
 ENV_VRAM_LIMIT = "OOMGUARD_VRAM_LIMIT"  # e.g. "24GiB"; "" for none
 ENV_INJECT = "OOMGUARD_INJECT"  # e.g. "cuda_oom@step=5;nan@step=9"
@@ -45,22 +45,10 @@ KNOBS_JSON = "knobs.json"
 ERROR_JSON = "error.json"
 LOCK_FILE = ".lock"
 
-# --- knob names (contract) ----------------------------------------------------
-KNOB_MAX_SEQ_LENGTH = "max_seq_length"
-KNOB_BATCH = "per_device_train_batch_size"
-KNOB_GRAD_ACCUM = "gradient_accumulation_steps"
-KNOB_LORA_R = "lora_r"
-KNOB_LORA_ALPHA = "lora_alpha"
-KNOB_PRECISION = "precision"
-CORE_KNOBS = (
-    KNOB_MAX_SEQ_LENGTH,
-    KNOB_BATCH,
-    KNOB_GRAD_ACCUM,
-    KNOB_LORA_R,
-    KNOB_LORA_ALPHA,
-    KNOB_PRECISION,
-)
-PRECISIONS = ("bf16", "fp16", "fp32")
+# --- knob names (contract): the registry (oomguard/knobs.py) is their one home ---------
+from oomguard.knobs import (BATCH as KNOB_BATCH, CORE as CORE_KNOBS, GRAD_ACCUM as KNOB_GRAD_ACCUM,  # noqa: E402
+                            LORA_ALPHA as KNOB_LORA_ALPHA, LORA_R as KNOB_LORA_R,
+                            MAX_SEQ_LENGTH as KNOB_MAX_SEQ_LENGTH, PRECISION as KNOB_PRECISION, PRECISIONS)
 
 
 class FailureKind(str, enum.Enum):
@@ -302,7 +290,18 @@ def find_oom(text: str) -> str | None:
 # The in-child bootstrap (oomguard/bootstrap/) that guards an unchanged Trainer command.
 ENV_BOOTSTRAP = "OOMGUARD_BOOTSTRAP"  # "0"/"off"/"false": no PYTHONPATH injection, nothing patched
 ENV_BOOTSTRAP_SKIP = "OOMGUARD_BOOTSTRAP_SKIP"  # comma list of parts to leave alone, e.g. "knobs,resume"
-ENV_DELIVERED = "OOMGUARD_DELIVERED"  # JSON knob -> "flag" | "appended" | "placeholder" | "env" | "offer"
-# "offer": env delivery of a knob no rung has changed yet; the child keeps a value its script set itself
-DELIVERY_OFFER = "offer"
+ENV_DELIVERED = "OOMGUARD_DELIVERED"  # JSON knob -> "flag" | "placeholder" | "in_process" (how each order travels)
 EVENT_BOOTSTRAP_TRAINER = "bootstrap_trainer"  # the child patched a Trainer it built (each rank writes one)
+
+# --- faithful wrap (issue 12): what the child really runs, and whether a change landed ----------
+# The child's observation of its recipe, one per rank and stage (``knobs`` uses registry names):
+#   stage "built":    when its Trainer is constructed (after oomguard's orders, before training);
+#   stage "in_force": at train begin, after a checkpoint's optimizer/scheduler state is loaded.
+# Fields: attempt, rank, stage, knobs {knob: value}, fields {knob: where it lives}, world_size,
+# effective_batch, output_dir (absolute), trainer, args_class, lr_scheduler_type, optim, lora (bool).
+EVENT_RECIPE_OBSERVED = "recipe_observed"
+STAGE_BUILT = "built"
+STAGE_IN_FORCE = "in_force"
+EVENT_CHANGE_VERIFIED = "change_verified"  # supervisor: an ordered change shows in the child (knob, expected, observed)
+EVENT_CHANGE_NOT_APPLIED = "change_not_applied"  # supervisor: it does not (knob, expected, observed, why)
+ENV_OBSERVE = "OOMGUARD_OBSERVE"  # comma list of policy-declared knob names the child reports too

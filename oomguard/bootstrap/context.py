@@ -75,7 +75,7 @@ class Context:
             return held[1]
         changes, skipped, forced, output_dir = [], [], False, None
         if self.on(Part.KNOBS):
-            changes, skipped = knob_map.plan(args, self.env.knobs, self.delivered, cuda=_cuda())
+            changes, skipped = knob_map.plan(args, self.env.knobs, self.delivered, cuda=_cuda())  # orders only
             knob_map.apply(args, changes)
             forced = knob_map.force_off_auto_find_batch_size(args)
         if self.on(Part.OUTPUT_DIR):

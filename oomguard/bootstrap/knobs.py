@@ -11,22 +11,13 @@ import dataclasses
 import enum
 from typing import Any, Mapping
 
+from oomguard import knobs as registry
 from oomguard import protocol
 
-# Knob -> the argument fields that carry it, newest spelling first.
-FIELDS: dict[str, tuple[str, ...]] = {
-    protocol.KNOB_MAX_SEQ_LENGTH: ("max_length", "max_seq_length"),
-    protocol.KNOB_BATCH: ("per_device_train_batch_size",),
-    protocol.KNOB_GRAD_ACCUM: ("gradient_accumulation_steps",),
-}
 # Knobs that live in the PEFT config, not the arguments (bootstrap/lora.py).
 LORA_KNOBS = (protocol.KNOB_LORA_R, protocol.KNOB_LORA_ALPHA)
-# How the supervisor's command builder says a knob reached the command line.
-BY_COMMAND = ("flag", "appended", "placeholder")
-# A knob no rung has changed yet, not on the command line: the policy's value is only an offer.
-# The child keeps a value its script set explicitly (one that differs from the arguments class's
-# default) and reports it; the supervisor adopts it as the requested value (the ladder starts there).
-OFFER = protocol.DELIVERY_OFFER
+# How the supervisor's command editor says an order reached the command line.
+BY_COMMAND = (registry.Delivery.FLAG.value, registry.Delivery.PLACEHOLDER.value)
 
 
 class Via(str, enum.Enum):
@@ -35,7 +26,6 @@ class Via(str, enum.Enum):
     FLAG = "flag"  # the supervisor rewrote the command; the value was already right in-process
     IN_PROCESS = "in_process"  # the bootstrap set it on the object the child built
     UNCHANGED = "unchanged"  # the child's own value already equalled the knob
-    ADOPTED = "adopted"  # an offered knob the script had set itself: its value stays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,33 +61,16 @@ def via(knob: str, old: Any, new: Any, delivered: Mapping[str, str]) -> Via:
     return Via.FLAG if delivered.get(knob) in BY_COMMAND else Via.UNCHANGED
 
 
-def class_default(obj: Any, name: str) -> Any:
-    """The default of field ``name`` in ``obj``'s dataclass (``dataclasses.MISSING`` if none)."""
-    if not dataclasses.is_dataclass(obj):
-        return dataclasses.MISSING
-    for f in dataclasses.fields(obj):
-        if f.name == name:
-            return f.default
-    return dataclasses.MISSING
-
-
-def script_set(obj: Any, names: tuple[str, ...]) -> bool:
-    """True when the script gave any of ``names`` a value other than its class default."""
-    return any((d := class_default(obj, n)) is not dataclasses.MISSING and getattr(obj, n, d) != d for n in names)
-
-
-def plan(args: Any, knobs: Mapping[str, Any], delivered: Mapping[str, str] | None = None, *,
+def plan(args: Any, orders: Mapping[str, Any], delivered: Mapping[str, str] | None = None, *,
          cuda: bool = True) -> tuple[list[KnobChange], list[KnobSkipped]]:
-    """What applying ``knobs`` to ``args`` would change, and what cannot be applied (why)."""
+    """What applying oomguard's ``orders`` to ``args`` would change, and what cannot be applied (why).
+    Only orders are applied: on attempt 1 of a wrapped command there are none (Trust rule 1)."""
     delivered = delivered or {}
     names = field_names(args)
     changes: list[KnobChange] = []
     skipped: list[KnobSkipped] = []
-    for knob, value in knobs.items():
+    for knob, value in orders.items():
         if knob in LORA_KNOBS:
-            continue
-        if delivered.get(knob) == OFFER and script_set(args, _fields_of(knob, names)):
-            changes += _adopted(args, names, knob)
             continue
         if knob == protocol.KNOB_PRECISION:
             found, why = _precision(args, names, str(value), delivered, cuda)
@@ -109,20 +82,12 @@ def plan(args: Any, knobs: Mapping[str, Any], delivered: Mapping[str, str] | Non
     return changes, skipped
 
 
-def _fields_of(knob: str, names: set[str]) -> tuple[str, ...]:
-    fields = ("bf16", "fp16") if knob == protocol.KNOB_PRECISION else FIELDS.get(knob, (knob,))
-    return tuple(f for f in fields if f in names)
-
-
-def _adopted(args: Any, names: set[str], knob: str) -> list[KnobChange]:
-    return [KnobChange(knob, f, getattr(args, f), getattr(args, f), Via.ADOPTED) for f in _fields_of(knob, names)]
-
-
 def _plain(args: Any, names: set[str], knob: str, value: Any, delivered) -> tuple[list[KnobChange], str]:
-    fields = [f for f in FIELDS.get(knob, (knob,)) if f in names]
+    candidates = registry.spec(knob).fields
+    fields = [f for f in candidates if f in names]
     if not fields:
-        return [], (f"{type(args).__name__} has no field {' or '.join(FIELDS.get(knob, (knob,)))}; "
-                    "the knob reaches the child only as a flag or through OOMGUARD_KNOBS")
+        return [], (f"{type(args).__name__} has no field {' or '.join(candidates)}; "
+                    "the knob reaches the child only as a flag it already has")
     out = []
     for name in fields:
         old = getattr(args, name)

@@ -13,40 +13,35 @@ import functools
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-from oomguard import protocol
-from oomguard.bootstrap.knobs import BY_COMMAND, OFFER, Via, script_set
+from oomguard import knobs as registry
+from oomguard.bootstrap.knobs import BY_COMMAND, LORA_KNOBS, Via
 
 _loading = contextvars.ContextVar("oomguard_peft_loading", default=False)
 PATCHED = "_oomguard_patched"
 
 
-def lora_values(config: Any, knobs: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Field -> (old, new) for the LoRA knobs present in ``knobs``. Pure."""
+def lora_values(config: Any, orders: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Field -> (old, new) for the LoRA knobs oomguard orders. Pure."""
     out = {}
-    for knob, field in ((protocol.KNOB_LORA_R, "r"), (protocol.KNOB_LORA_ALPHA, "lora_alpha")):
-        if knob in knobs and hasattr(config, field):
-            out[field] = (getattr(config, field), int(knobs[knob]))
+    for knob in LORA_KNOBS:
+        field = registry.spec(knob).peft_field
+        if knob in orders and field and hasattr(config, field):
+            old = getattr(config, field)
+            out[field] = (old, type(old)(orders[knob]) if isinstance(old, (int, float)) else orders[knob])
     return out
 
 
-def apply_lora(config: Any, knobs: Mapping[str, Any], delivered: Mapping[str, str]) -> dict[str, Any] | None:
-    """Set r / lora_alpha on ``config``; the event fields, or None when no LoRA knob applies.
-
-    An offered knob (no rung has changed it) that the script set itself stays as the script has it;
-    the event lists it under ``adopted`` (knob -> value) for the supervisor."""
-    offered = {"r": protocol.KNOB_LORA_R, "lora_alpha": protocol.KNOB_LORA_ALPHA}
-    values = lora_values(config, knobs)
+def apply_lora(config: Any, orders: Mapping[str, Any], delivered: Mapping[str, str]) -> dict[str, Any] | None:
+    """Set the ordered r / lora_alpha on ``config``; the event fields, or None when nothing is ordered."""
+    values = lora_values(config, orders)
     if not values:
         return None
-    kept = {f for f in values if delivered.get(offered[f]) == OFFER and script_set(config, (f,))}
-    values = {f: ((old, old) if f in kept else (old, new)) for f, (old, new) in values.items()}
     for field, (_old, new) in values.items():
         setattr(config, field, new)
     changed = any(old != new for old, new in values.values())
-    by_flag = any(delivered.get(k) in BY_COMMAND for k in (protocol.KNOB_LORA_R, protocol.KNOB_LORA_ALPHA))
-    how = Via.IN_PROCESS if changed else Via.ADOPTED if kept else Via.FLAG if by_flag else Via.UNCHANGED
+    by_flag = any(delivered.get(k) in BY_COMMAND for k in LORA_KNOBS)
+    how = Via.IN_PROCESS if changed else Via.FLAG if by_flag else Via.UNCHANGED
     return {"config": type(config).__name__, "via": how.value,
-            "adopted": {offered[f]: values[f][0] for f in sorted(kept)},
             **{field: {"old": old, "new": new} for field, (old, new) in values.items()}}
 
 

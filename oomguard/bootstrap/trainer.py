@@ -89,16 +89,24 @@ def _journal_trainer(ctx: "Context", trainer: Any, record: "ArgsRecord", callbac
                             f"To keep it, set {protocol.ENV_BOOTSTRAP_SKIP}=knobs.")
     ctx.rank_journal.emit(  # every rank: the banner that shows all ranks run the same knobs
         protocol.EVENT_BOOTSTRAP_TRAINER, trainer=type(trainer).__name__, args_class=type(trainer.args).__name__,
-        attempt=ctx.env.attempt, world_size=ctx.env.world_size, in_effect=_in_effect(trainer.args),
+        attempt=ctx.env.attempt, world_size=ctx.env.world_size,
         knobs=[c.to_dict() for c in record.changes], not_applied=[s.to_dict() for s in record.skipped],
         auto_find_batch_size_forced_off=record.auto_find_forced_off, output_dir=record.output_dir,
         callbacks=callbacks, lora=list(ctx.lora), skip=sorted(p.value for p in ctx.switches.skip))
+    _observe_built(ctx, trainer)
 
 
-def _in_effect(args: Any) -> dict[str, Any]:
-    """The batch fields as this process's Trainer holds them (one banner per rank)."""
-    names = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_seq_length")
-    return {n: getattr(args, n) for n in names if isinstance(getattr(args, n, None), int)}
+def _observe_built(ctx: "Context", trainer: Any) -> None:
+    """``recipe_observed`` (stage built): the recipe this Trainer will run, read from the objects the
+    child built, after oomguard's orders. On attempt 1 it is the run's ``requested``."""
+    from oomguard.guard.observe import observe
+
+    try:
+        seen = observe(trainer, stage=protocol.STAGE_BUILT, extra_knobs=ctx.env.observe)
+    except Exception as exc:  # an odd trainer must not die of being watched; the supervisor says unverified
+        ctx.journal.emit("recipe_unreadable", stage=protocol.STAGE_BUILT, error=f"{type(exc).__name__}: {exc}")
+        return
+    ctx.rank_journal.emit(protocol.EVENT_RECIPE_OBSERVED, attempt=ctx.env.attempt, **seen)
 
 
 def choose_resume(code_value: Any, supervisor: str | None, attempt: int) -> tuple[Any, Via | None]:

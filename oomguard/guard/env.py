@@ -19,13 +19,14 @@ class GuardEnv:
     run_dir: Path | None = None
     attempt: int = 1
     error_file: Path | None = None
-    knobs: dict[str, Any] = field(default_factory=dict)
+    knobs: dict[str, Any] = field(default_factory=dict)  # oomguard's orders: set these in-process
     resume_from: str | None = None
     vram_limit: int | None = None  # bytes
     faults: tuple[Fault, ...] = ()
     checkpoint_dir: str | None = None
     rank: int = 0
     world_size: int = 1
+    observe: tuple[str, ...] = ()  # knob names to report beyond the registry's (policy-declared)
 
     @property
     def active(self) -> bool:
@@ -56,6 +57,7 @@ class GuardEnv:
             checkpoint_dir=_text(environ, protocol.ENV_CHECKPOINT_DIR),
             rank=_rank(environ),
             world_size=_int(environ, "WORLD_SIZE", default=1, minimum=1),
+            observe=tuple(n.strip() for n in environ.get(protocol.ENV_OBSERVE, "").split(",") if n.strip()),
         )
 
 

@@ -19,6 +19,7 @@ from oomguard.guard.heartbeat import HeartbeatCallback
 from oomguard.guard.journal import Journal
 from oomguard.guard.monitor import MemoryMonitorCallback
 from oomguard.guard.nan import NanGuardCallback
+from oomguard.guard.observe import RecipeCallback
 from oomguard.guard.phase import PhaseTrackerCallback
 from oomguard.guard.pressure import PressureCheckpointCallback
 from oomguard.guard.profile import DataProfileCallback
@@ -28,7 +29,8 @@ from oomguard.guard.resume import prepare_resume
 from oomguard.protocol import Phase
 
 GUARD_TYPES = (PhaseTrackerCallback, FaultInjectionCallback, HeartbeatCallback, DataProfileCallback,
-               MemoryMonitorCallback, PressureCheckpointCallback, CacheClearerCallback, NanGuardCallback)
+               MemoryMonitorCallback, PressureCheckpointCallback, CacheClearerCallback, NanGuardCallback,
+               RecipeCallback)
 
 
 def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int = 0) -> list[TrainerCallback]:
@@ -43,6 +45,7 @@ def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int = 0) -> list[TrainerCa
         PressureCheckpointCallback(monitor),
         CacheClearerCallback(env.run_dir, rank=env.rank),
         NanGuardCallback(env.run_dir, rank=env.rank, skip_steps=nan_skip_steps),
+        RecipeCallback(env),  # on_train_begin: an ordered learning_rate over the restored schedule; recipe in force
         ShutdownCallback(env.run_dir, rank=env.rank),  # last: its on_train_end exits after the save
     ]
 

@@ -12,12 +12,12 @@ from oomguard.policy.loader import (load_all_shipped, load_policy, load_policy_a
                                     policy_json_schema, shipped_policy_paths)
 from oomguard.policy.records import (AttemptView, CheckpointInfo, DataProfile, Decision, Failure,
                                      GiveUpReason, KnobChange, ResumeClass, RungRef)
-from oomguard.policy.schema import (FlagSpec, FlagStyle, Knobs, Ladder, Ladders, Limits, LrRule,
+from oomguard.policy.schema import (FlagSpec, Knobs, Ladder, Ladders, Limits, LrRule,
                                     Match, Policy, Rung, RungOp)
 
 __all__ = [
     "AttemptView", "CheckpointInfo", "DEFAULT_POLICY", "DataProfile", "Decision", "Failure",
-    "FlagSpec", "FlagStyle", "GiveUpReason", "GpuInfo", "KnobChange", "Knobs", "Ladder", "Ladders",
+    "FlagSpec", "GiveUpReason", "GpuInfo", "KnobChange", "Knobs", "Ladder", "Ladders",
     "Limits", "LrRule", "Match", "Policy", "ResumeClass", "Rung", "RungOp", "RungRef",
     "apply_rung", "bf16_supported", "decide", "effective_batch", "ladder_chain",
     "largest_proper_divisor", "load_all_shipped", "load_policy", "load_policy_arg", "matches",

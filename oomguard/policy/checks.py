@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from oomguard.protocol import KNOB_PRECISION, FailureKind
 from oomguard.policy.ladder import apply_rung
-from oomguard.policy.schema import (Capabilities, FlagSpec, FlagStyle, HalveBatchRung, Knobs,
+from oomguard.policy.schema import (Capabilities, FlagSpec, HalveBatchRung, Knobs,
                                     Ladders, Limits, Match, QuantileStepRung, Rung, ScaleRung,
                                     SetRung, StepDownRung)
 
@@ -173,10 +173,8 @@ def _flags_problems(flags: dict[str, FlagSpec], start: dict[str, Any]) -> Iterat
         path = f"flags.{knob}"
         if knob not in start:
             yield path, f"unknown knob {knob!r}; declare it under knobs (expected one of: {', '.join(start)})"
-        if spec.style is FlagStyle.VALUE and not spec.names:
-            yield f"{path}.names", "value-style flag needs at least one name (got [], expected e.g. ['--" + knob + "'])"
-        if spec.style is FlagStyle.BOOL and not spec.values:
-            yield f"{path}.values", "bool-style flag needs values: knob value -> flag (got {}, expected e.g. {bf16: --bf16})"
-        for name in list(spec.names) + list(spec.values.values()):
+        if not spec.names:
+            yield f"{path}.names", "needs at least one extra spelling (got [], expected e.g. ['--" + knob + "'])"
+        for name in spec.names:
             if not name.startswith("-"):
                 yield path, f"flag {name!r} does not start with '-' (got {name!r}, expected e.g. '--{knob}')"

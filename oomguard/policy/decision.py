@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Callable, Mapping, Sequence
 
+from oomguard.knobs import needs
 from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind
 from oomguard.policy.ladder import (apply_rung, effective_batch, ladder_chain, lr_adjustment,
                                     truncation_share)
@@ -39,13 +40,20 @@ class _Context:
     failure: Failure
     knobs: dict[str, Any]
     cause: str
+    capabilities: Mapping[str, str] | None = None  # knob -> how it reaches the child; None: unrestricted
+    fp16_ok: bool = True
     skipped: list[str] = field(default_factory=list)  # rungs passed over, with why
 
 
 def decide(policy: Policy, attempts: Sequence[AttemptView], checkpoints: Sequence[CheckpointInfo], *,
            profile: DataProfile | None = None, elapsed_s: float = 0.0, world_size: int = 1,
-           bf16_ok: bool | None = None) -> Decision:
-    """What to do after the last attempt in ``attempts`` failed."""
+           bf16_ok: bool | None = None, fp16_ok: bool = True,
+           capabilities: Mapping[str, str] | None = None) -> Decision:
+    """What to do after the last attempt in ``attempts`` failed.
+
+    ``capabilities``: knob -> how a change of it reaches the child (observed in the child and
+    its command); a rung on a knob not listed is passed over, saying why. None: every knob.
+    ``fp16_ok``: fp16 mixed precision can run (a CUDA GPU); ``bf16_ok``: bf16 can."""
     if not attempts or attempts[-1].failure is None:
         raise ValueError("decide() needs a history whose last attempt failed (got "
                          f"{'no attempts' if not attempts else 'a last attempt without failure'}); "
@@ -53,7 +61,8 @@ def decide(policy: Policy, attempts: Sequence[AttemptView], checkpoints: Sequenc
     failure = attempts[-1].failure
     ctx = _Context(policy, attempts, checkpoints, profile, world_size,
                    policy.capabilities.bf16 if bf16_ok is None else bf16_ok,
-                   failure, dict(attempts[-1].knobs), describe_cause(failure, policy.limits))
+                   failure, dict(attempts[-1].knobs), describe_cause(failure, policy.limits),
+                   capabilities=capabilities, fp16_ok=fp16_ok)
     budget = _budget_give_up(ctx, elapsed_s)
     if budget is not None:
         return budget
@@ -138,14 +147,20 @@ def _on_resume_oom(ctx: _Context) -> Decision:
     return _retry(ctx, None, _newest(ctx.checkpoints), note=note)
 
 
-def _nan_streak(attempts: Sequence[AttemptView]) -> int:
-    """How many attempts in a row, ending with the last, failed with a non-finite loss."""
-    streak = 0
+def _nan_streak(attempts: Sequence[AttemptView], checkpoints: Sequence[CheckpointInfo]) -> int:
+    """How many attempts in a row, ending with the last, failed with a non-finite loss right
+    after their rollback. An attempt that trained past a clean checkpoint beyond both its resume
+    point and the previous NaN ends the streak: the walk-back restarts from that checkpoint."""
+    nans: list[AttemptView] = []
     for a in reversed(attempts):
         if not (a.failure and a.failure.kind is FailureKind.NAN_LOSS):
             break
-        streak += 1
-    return streak
+        nans.append(a)
+    for streak, (a, before) in enumerate(zip(nans, nans[1:]), start=1):
+        start = max(a.resumed_step or 0, before.failure.step or 0)
+        if a.failure.step is not None and any(start < c.step <= a.failure.step for c in checkpoints):
+            return streak
+    return len(nans)
 
 
 def _on_nan(ctx: _Context) -> Decision:
@@ -155,7 +170,7 @@ def _on_nan(ctx: _Context) -> Decision:
     # A loss can stay finite for a few steps after the weights were already ruined (a huge
     # update, then overflow later): when NaN comes back right after a rollback, go back
     # further each time (1st, 2nd, 4th, 8th newest clean checkpoint, then from scratch).
-    back = 2 ** (_nan_streak(ctx.attempts) - 1) - 1
+    back = 2 ** (_nan_streak(ctx.attempts, clean) - 1) - 1
     ckpt = clean[back] if back < len(clean) else None
     why = ("the failing step is unknown, so no checkpoint is known to be clean" if step is None
            else "the newest checkpoint at or before the last finite step" if back == 0
@@ -175,6 +190,11 @@ def _on_hang(ctx: _Context) -> Decision:
 
 
 def _on_crash(ctx: _Context) -> Decision:
+    if ctx.failure.usage:
+        ctx.cause = ctx.failure.detail.strip().splitlines()[-1][:300] if ctx.failure.detail.strip() else ctx.cause
+        return _give_up(ctx, GiveUpReason.UNRECOVERABLE,
+                        "the command's own argument parser rejected it before training started; no retry can "
+                        "change that (fix the command line or its config file and rerun)")
     streak = _crash_streak(ctx.attempts)
     limits = ctx.policy.limits
     if len(streak) >= 2 and _same_crash(streak[-1], streak[-2]):
@@ -222,9 +242,9 @@ def _pick_rung(ctx: _Context, chain: Sequence[FailureKind]) -> _Pick | None:
             ref = RungRef(kind, i)
             if used[ref] >= rung.max_times:
                 continue
-            if isinstance(rung, SetRung) and rung.knob == KNOB_PRECISION and rung.value == "bf16" \
-                    and not ctx.bf16_ok:
-                ctx.skipped.append(f"skipped {kind.value} rung {i} (precision → bf16): this GPU has no bf16")
+            why = _cannot_take(ctx, rung)
+            if why:
+                ctx.skipped.append(f"passed over {kind.value} rung {i} ({_rung_words(rung)}): {why}")
                 continue
             new = apply_rung(rung, ctx.knobs, ctx.profile)
             if new is None or new == ctx.knobs:
@@ -236,6 +256,29 @@ def _pick_rung(ctx: _Context, chain: Sequence[FailureKind]) -> _Pick | None:
                 continue
             return _Pick(ref, rung, new)
     return None
+
+
+def _cannot_take(ctx: _Context, rung: Rung) -> str | None:
+    """Why the child cannot take ``rung`` (Trust rule 2: a rung only on a knob the child can
+    take, a precision only one the device has), or None."""
+    for knob in needs(rung.knob, rung.op.value):
+        if knob not in ctx.knobs:
+            return f"the child's recipe has no {knob} oomguard could observe"
+        if ctx.capabilities is not None and knob not in ctx.capabilities:
+            return (f"the child cannot take a new {knob}: its command has no such flag and no argument "
+                    "object oomguard can set it on, or an earlier change of it did not show in the child")
+    if isinstance(rung, SetRung) and rung.knob == KNOB_PRECISION:
+        if rung.value == "bf16" and not ctx.bf16_ok:
+            return "this device has no bf16 (no CUDA GPU, or compute capability below 8.0)"
+        if rung.value == "fp16" and not ctx.fp16_ok:
+            return "fp16 mixed precision needs a CUDA GPU and none is in use"
+    return None
+
+
+def _rung_words(rung: Rung) -> str:
+    if isinstance(rung, SetRung):
+        return f"{rung.knob} → {rung.value}"
+    return "per_device_train_batch_size ÷ 2" if rung.op.value == "halve_batch" else f"{rung.knob} {rung.op.value}"
 
 
 def _cut_over_bound(rung, new: Mapping[str, Any], profile: DataProfile | None) -> str | None:
@@ -256,7 +299,7 @@ def _retry(ctx: _Context, pick: _Pick | None, ckpt: CheckpointInfo | None, *,
     resume_class = pick.rung.resume if pick else ResumeClass.SAFE
     before, after = effective_batch(ctx.knobs, ctx.world_size), effective_batch(knobs, ctx.world_size)
     lr_note = None
-    if before != after:
+    if before is not None and after is not None and before != after:
         knobs, lr_note = lr_adjustment(ctx.policy.lr_rule, knobs, before, after)
     changes = tuple(KnobChange(k, ctx.knobs.get(k), v) for k, v in knobs.items() if ctx.knobs.get(k) != v)
     share = None

@@ -8,22 +8,23 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from oomguard import knobs as knobs_registry
 from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind
 from oomguard.policy.records import DataProfile
 from oomguard.policy.schema import (HalveBatchRung, LrRule, Policy, QuantileStepRung, Rung, ScaleRung,
                                     SetRung, StepDownRung)
 
 # A declared (not core) knob that lr_rule adjusts when the effective batch changes.
-KNOB_LEARNING_RATE = "learning_rate"
+KNOB_LEARNING_RATE = knobs_registry.LEARNING_RATE
 # Smallest valid value of the core integer knobs (the schema enforces the same).
 KNOB_MINIMUM = {KNOB_MAX_SEQ_LENGTH: 16}
 # OOM kinds without their own ladder fall back to the cuda_oom ladder.
 OOM_FALLBACK_KINDS = (FailureKind.EVAL_OOM, FailureKind.HOST_OOM, FailureKind.RESUME_OOM)
 
 
-def effective_batch(knobs: Mapping[str, Any], world_size: int = 1) -> int:
-    """Samples per optimizer step: per-device batch x accumulation x ranks."""
-    return int(knobs[KNOB_BATCH]) * int(knobs[KNOB_GRAD_ACCUM]) * int(world_size)
+def effective_batch(knobs: Mapping[str, Any], world_size: int = 1) -> int | None:
+    """Samples per optimizer step (the registry's one definition; None when a part is unknown)."""
+    return knobs_registry.effective_batch(knobs, world_size)
 
 
 def truncation_share(profile: DataProfile, max_len: int) -> float:
@@ -54,16 +55,25 @@ def _excess_area(width: float, e0: float, e1: float) -> float:
 
 def apply_rung(rung: Rung, knobs: Mapping[str, Any],
                profile: DataProfile | None = None) -> dict[str, Any] | None:
-    """The knobs after one application of ``rung``, or None when it changes nothing."""
+    """The knobs after one application of ``rung``, or None when it changes nothing (or a knob
+    it needs is not in ``knobs``: the child does not have it)."""
+    if any(k not in knobs for k in knobs_registry.needs(rung.knob, rung.op.value)):
+        return None
     new = dict(knobs)
     if isinstance(rung, HalveBatchRung):
         changed = _halve_batch(rung, new)
     else:
         value = _next_value(rung, knobs[rung.knob], profile)
-        changed = value is not None and value != knobs[rung.knob]
+        changed = value is not None and value != knobs[rung.knob] and not _saves_nothing(rung.knob, value, profile)
         if changed:
             new[rung.knob] = value
     return new if changed else None
+
+
+def _saves_nothing(knob: str, value: Any, profile: DataProfile | None) -> bool:
+    """A length at or above the longest row cuts nothing (rows are padded to the longest in the
+    batch, not to max_seq_length): such a rung would spend an attempt for nothing."""
+    return knob == KNOB_MAX_SEQ_LENGTH and profile is not None and value >= profile.max_len
 
 
 def _next_value(rung: Rung, current: Any, profile: DataProfile | None) -> Any:

@@ -43,9 +43,17 @@ def pydantic_problems(error: ValidationError, root: type[BaseModel]) -> list[Pro
     return out
 
 
+# Keys of a policy's ``flags.<knob>`` entry before issue 12 (named with the fix when found).
+REMOVED_FLAG_KEYS = ("append", "style", "values")
+
+
 def _describe(err: dict[str, Any], parent: type[BaseModel] | None) -> tuple[str, str]:
     kind, ctx = err["type"], err.get("ctx") or {}
     key = str(err["loc"][-1]) if err["loc"] else ""
+    if kind == "extra_forbidden" and key in REMOVED_FLAG_KEYS:
+        return (f"{key!r} was removed: oomguard never appends or rewrites flags into a new style (Trust "
+                "rule 1); it edits flags the command already has and sets the rest in the child. Delete "
+                f"{key!r} (keep only names: extra spellings)"), ""
     if kind == "extra_forbidden":
         allowed = list(parent.model_fields) if parent else []
         close = difflib.get_close_matches(key, allowed, n=1)

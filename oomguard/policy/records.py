@@ -43,6 +43,7 @@ class Failure:
     detail: str = ""
     rank: int = 0
     memory_growth: float | None = None
+    usage: bool = False  # the command's own argument parser rejected it before any step (deterministic)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ class AttemptView:
 
     ``rung`` is the rung whose application produced this attempt's knobs (None for the
     first attempt and for retries without a change); ``max_step`` the highest completed
-    optimizer step the attempt reached (None: none).
+    optimizer step the attempt reached (None: none); ``knobs`` what the child ran with, as
+    it reported (a knob it does not have is absent); ``resumed_step`` the step of the
+    checkpoint it resumed from (None: a fresh start).
     """
 
     n: int
@@ -67,6 +70,7 @@ class AttemptView:
     rung: RungRef | None
     failure: Failure | None
     max_step: int | None
+    resumed_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,5 +123,5 @@ class Decision:
     give_up: GiveUpReason | None = None
     backoff_s: float = 0.0  # seconds to wait before the next attempt
     truncation_share: float | None = None  # share of training tokens the new max_seq_length cuts
-    effective_batch: tuple[int, int] | None = None  # (before, after): batch*accum*world_size
+    effective_batch: tuple[int | None, int | None] | None = None  # (before, after): batch*accum*world_size
     lr_note: str | None = None  # set when the effective batch changes

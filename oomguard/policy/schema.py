@@ -165,23 +165,12 @@ class Limits(_Strict):
     nan_skip_steps: Annotated[StrictInt, Field(ge=0)] = 0
 
 
-class FlagStyle(str, enum.Enum):
-    VALUE = "value"  # --name VALUE
-    BOOL = "bool"  # one bare flag per knob value, e.g. precision bf16 -> --bf16
-
-
 class FlagSpec(_Strict):
-    """How one knob appears on the child's command line.
-
-    ``names``: spellings to find and rewrite (the first is used when appending);
-    ``append``: add the flag when the command lacks every spelling; ``values``
-    (bool style): knob value -> bare flag (a value not listed gets no flag).
-    """
+    """Extra spellings of one knob on the child's command line, beyond the registry's
+    (``oomguard/knobs.py``): ``names`` are found and edited in place where the command has
+    them. oomguard never appends a flag (Trust rule 1), so there is no ``append``."""
 
     names: list[str] = Field(default_factory=list)
-    append: StrictBool = False
-    style: FlagStyle = FlagStyle.VALUE
-    values: dict[str, str] = Field(default_factory=dict)
 
 
 class Policy(_Strict):
@@ -193,7 +182,8 @@ class Policy(_Strict):
     ladders: Ladders
     lr_rule: LrRule = LrRule.KEEP
     limits: Limits = Field(default_factory=Limits)
-    flags: dict[str, FlagSpec] = Field(default_factory=dict)
+    flags: dict[str, FlagSpec] = Field(default_factory=dict, description=(
+        "knob -> {names: [extra CLI spellings]}; the registry knows the HF/TRL/common ones"))
     _source: str = PrivateAttr(default="")
 
     @property

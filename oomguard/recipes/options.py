@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from oomguard import protocol
 from oomguard.errors import UsageError
 
+DEFAULT_OUTPUT_DIR = "oomguard-sft"
 SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
 DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj"
 
@@ -25,7 +26,7 @@ DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj"
 class RecipeOptions:
     model: str | None = None  # local directory; None = the embedded tiny default
     dataset: str | None = None  # local file/folder; None = the embedded default
-    output_dir: str = "oomguard-sft"
+    output_dir: str | None = None  # None: <run dir>/checkpoints under oomguard, else ./oomguard-sft
     resume_from_checkpoint: str | None = None
     # knobs (DESIGN §3)
     max_seq_length: int = 512  # tokens
@@ -127,8 +128,11 @@ def apply_environment(options: RecipeOptions, environ: Mapping[str, str]) -> Rec
             print(f"oomguard: ignoring knob {name!r}={value!r}: the SFT recipe has no such option", file=sys.stderr)
             continue
         changes[name] = coerce(name, value)
-    if environ.get(protocol.ENV_CHECKPOINT_DIR):
+    if environ.get(protocol.ENV_CHECKPOINT_DIR):  # the user's `oomguard run --checkpoint-dir`
         changes["output_dir"] = environ[protocol.ENV_CHECKPOINT_DIR]
+    elif options.output_dir is None:
+        run_dir = environ.get(protocol.ENV_RUN_DIR, "").strip()
+        changes["output_dir"] = os.path.join(run_dir, "checkpoints") if run_dir else DEFAULT_OUTPUT_DIR
     if protocol.ENV_RESUME_FROM in environ:  # "" means a fresh start, by the supervisor's choice
         changes["resume_from_checkpoint"] = environ[protocol.ENV_RESUME_FROM] or None
     if changes.get("precision") not in (None, *protocol.PRECISIONS):

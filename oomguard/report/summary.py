@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..knobs import CORE, effective_batch
 from ..protocol import EVENTS_JSONL, RUN_JSON, read_jsonl
-
-CORE = ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
-        "lora_alpha", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +40,9 @@ class RunSummary:
     recoveries: tuple[Recovery, ...]
     final_step: int | None
     skipped_checkpoints: tuple[str, ...]
-
-
-def effective_batch(knobs: dict[str, Any], world_size: int) -> int | None:
-    b, g = knobs.get("per_device_train_batch_size"), knobs.get("gradient_accumulation_steps", 1)
-    return int(b) * int(g) * world_size if isinstance(b, int) and isinstance(g, int) else None
+    requested_source: str = "command"
+    checks: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> the latest verdict on its change
+    not_applied: tuple[str, ...] = ()  # one line per change the child did not show
 
 
 def _step_of(path: str | None) -> int | None:
@@ -97,11 +93,16 @@ def summarize(run_dir: str | Path) -> RunSummary:
     first_failure = next((a["failure"] for a in run.get("attempts", []) if a.get("failure")), None)
     root = run.get("root_cause") or _failure_text(first_failure, run.get("world_size", 1))
     skipped = tuple(sorted({e["path"] for e in events if e.get("event") == "checkpoint_skipped"}))
+    checks = {k: v for a in run.get("attempts", []) for k, v in (a.get("verified") or {}).items()}
+    missed = tuple(dict.fromkeys(
+        f"{e['knob']} → {e.get('expected')} (attempt {e.get('attempt')}): {e.get('why')}"
+        for e in events if e.get("event") == "change_not_applied"))
     return RunSummary(status=run["status"], exit_code=run.get("exit_code"), attempts=len(run.get("attempts", [])),
                       wall_s=end - run.get("started", end), root_cause=root, requested=run.get("requested", {}),
                       final=run.get("config", {}), world_size=run.get("world_size", 1),
                       recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
-                      skipped_checkpoints=skipped)
+                      skipped_checkpoints=skipped, requested_source=run.get("requested_source", "command"),
+                      checks=checks, not_applied=missed)
 
 
 def _knob_lines(s: RunSummary) -> list[str]:
@@ -110,12 +111,21 @@ def _knob_lines(s: RunSummary) -> list[str]:
         if k not in s.requested and k not in s.final:
             continue
         req, fin = s.requested.get(k), s.final.get(k)
-        lines.append(f"  {k:<30} {str(req):>10} → {str(fin):<10}{'' if req == fin else '  (changed)'}")
+        lines.append(f"  {k:<30} {str(req):>10} → {str(fin):<10}{_mark(req, fin, s.checks.get(k))}")
     eb_req, eb_fin = effective_batch(s.requested, s.world_size), effective_batch(s.final, s.world_size)
     if eb_req is not None:
         note = "kept" if eb_req == eb_fin else "CHANGED"
         lines.append(f"  {'effective batch':<30} {eb_req:>10} → {eb_fin!s:<10}  ({note}, world size {s.world_size})")
     return lines
+
+
+def _mark(requested: Any, final: Any, check: str | None) -> str:
+    """A changed knob says whether the child showed it: only a verified change reads "changed"."""
+    if check == "not_applied":
+        return "  (not applied)"
+    if requested == final:
+        return ""
+    return "  (changed)" if check == "verified" else "  (not verified in the child)"
 
 
 def render_text(s: RunSummary) -> str:
@@ -136,6 +146,9 @@ def render_text(s: RunSummary) -> str:
         lines.append(f"  recovery after attempt {r.attempt}: {r.reason}" + (f" [cost: {', '.join(cost)}]" if cost else ""))
     for path in s.skipped_checkpoints:
         lines.append(f"  skipped incomplete checkpoint (kept on disk): {path}")
-    lines.append("requested → final:")
+    for line in s.not_applied:
+        lines.append(f"  change not applied: {line}")
+    source = "as the child ran it" if s.requested_source == "observed" else "from the command's flags only"
+    lines.append(f"requested ({source}) → final:")
     lines += _knob_lines(s)
     return "\n".join(lines)

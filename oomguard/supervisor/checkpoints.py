@@ -96,6 +96,12 @@ def _file_problems(path: Path, weights: list[Path]) -> list[str]:
     return problems
 
 
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The step in a ``checkpoint-N`` folder name (None: no checkpoint, or another name)."""
+    m = _CKPT_RE.match(Path(path).name) if path else None
+    return int(m.group(1)) if m else None
+
+
 def inspect_checkpoint(path: Path) -> CheckpointScan:
     step = int(_CKPT_RE.match(path.name).group(1))  # type: ignore[union-attr]
     problems: list[str] = []

@@ -55,6 +55,31 @@ def _disk_full(failure: Failure, evidence: str) -> Failure:
         "quota / file-size limit), then rerun `oomguard run --run-dir DIR`"))
 
 
+_USAGE_RE = re.compile(r"^\s*usage:\s", re.IGNORECASE | re.MULTILINE)
+_PARSER_ERROR_RE = re.compile(r"^(?:\S+: )?error: .+$|^Error: .+$", re.MULTILINE)
+USAGE_EXIT_CODE = 2  # argparse, click and typer exit 2 on a usage error
+
+
+def find_usage_error(text: str) -> str | None:
+    """The argument parser's own complaint (argparse ``prog: error: ...``, click ``Error: ...``)
+    when ``text`` holds a usage message, else None."""
+    if not _USAGE_RE.search(text):
+        return None
+    errors = _PARSER_ERROR_RE.findall(text)
+    return errors[-1].strip()[:500] if errors else None
+
+
+def _usage(outcome: ChildOutcome, last_step: int | None) -> Failure | None:
+    """A command line its own parser rejects, before any step: deterministic, never retried."""
+    if outcome.exit_code != USAGE_EXIT_CODE or outcome.signal is not None or last_step is not None:
+        return None
+    line = find_usage_error(outcome.stderr_tail)
+    if line is None:
+        return None
+    return Failure(kind=FailureKind.CRASH, step=None, phase=Phase.STARTUP, usage=True,
+                   detail=f"the command's argument parser rejected it: {line}")
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:500] if lines else ""
@@ -97,6 +122,9 @@ def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_
         return Failure(kind=FailureKind.CUDA_OOM, step=last_step, rank=rank, detail=oom_line[:500])
     if root is not None:  # only a peer-lost symptom was recorded: still the best words we have
         return _disk_full(_from_record(root), root.traceback)
+    usage = _usage(outcome, last_step)
+    if usage is not None:
+        return usage
     detail = _crash_detail(outcome) if worker is None else f"{worker.describe()}; {_crash_detail(outcome)}"
     crash = Failure(kind=FailureKind.CRASH, step=last_step, rank=rank, detail=detail[:800])
     return _disk_full(crash, outcome.stderr_tail)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ..policy import AttemptView, DataProfile, Decision, Failure, RungRef
-from ..protocol import DELIVERY_OFFER, EVENT_BOOTSTRAP_TRAINER, FailureKind, Phase
+from ..protocol import FailureKind, Phase
 from .journal import RunRecord
 
 
@@ -19,6 +19,8 @@ def failure_dict(failure: Failure | None) -> dict[str, Any] | None:
            "detail": failure.detail, "rank": failure.rank}
     if failure.memory_growth:
         out["memory_growth"] = failure.memory_growth
+    if failure.usage:
+        out["usage"] = True
     return out
 
 
@@ -45,9 +47,10 @@ def attempt_views(record: RunRecord) -> list[AttemptView]:
         f = a.failure
         failure = Failure(kind=FailureKind(f["kind"]), step=f.get("step"), phase=phase_of(f.get("phase")),
                           detail=f.get("detail", ""), rank=f.get("rank", 0),
-                          memory_growth=f.get("memory_growth")) if f else None
+                          memory_growth=f.get("memory_growth"), usage=bool(f.get("usage"))) if f else None
         rung = RungRef(ladder=FailureKind(a.rung["ladder"]), index=a.rung["index"]) if a.rung else None
-        views.append(AttemptView(n=a.n, knobs=a.knobs, rung=rung, failure=failure, max_step=a.max_step))
+        views.append(AttemptView(n=a.n, knobs=a.knobs, rung=rung, failure=failure, max_step=a.max_step,
+                                 resumed_step=a.resumed_step))
     return views
 
 
@@ -63,33 +66,3 @@ def decision_dict(d: Decision) -> dict[str, Any]:
             "give_up": d.give_up.value if d.give_up else None, "backoff_s": d.backoff_s,
             "truncation_share": d.truncation_share, "effective_batch": list(d.effective_batch) if d.effective_batch else None,
             "lr_note": d.lr_note}
-
-
-def changed_knobs(record: RunRecord) -> set[str]:
-    """Knobs some decision of this run has changed (they are orders from then on)."""
-    return {c["knob"] for a in record.attempts for c in ((a.decision or {}).get("changes") or [])}
-
-
-def offer_unchanged(delivered: dict[str, str], changed: set[str]) -> dict[str, str]:
-    """``delivered`` with "env" turned into "offer" for the knobs no decision has changed."""
-    return {k: (DELIVERY_OFFER if v == "env" and k not in changed else v) for k, v in delivered.items()}
-
-
-def adopted_knobs(events: Iterable[dict[str, Any]], since: float) -> dict[str, Any]:
-    """Knob -> value the child kept from its own script (rank 0's bootstrap events after ``since``)."""
-    out: dict[str, Any] = {}
-    for e in events:
-        if e.get("time", 0) < since or e.get("rank", 0) != 0:
-            continue
-        if e.get("event") == EVENT_BOOTSTRAP_TRAINER:
-            kept = [c for c in e.get("knobs") or [] if c.get("via") == "adopted"]
-            for knob in {c["knob"] for c in kept}:
-                fields = {c["field"]: c["new"] for c in kept if c["knob"] == knob}
-                out[knob] = _precision_of(fields) if knob == "precision" else next(iter(fields.values()))
-        elif e.get("event") == "bootstrap_lora":
-            out.update(e.get("adopted") or {})
-    return out
-
-
-def _precision_of(fields: dict[str, Any]) -> str:
-    return "bf16" if fields.get("bf16") else "fp16" if fields.get("fp16") else "fp32"

@@ -36,6 +36,10 @@ class AttemptRecord:
     pid: int | None = None  # the child's pid = its process group (it leads its own session)
     pid_started: float | None = None  # the child's start time, seconds since the epoch (pid reuse check)
     interrupted: str | None = None  # why it ended without a verdict: "SIGTERM", "SIGINT", "supervisor died"
+    orders: dict[str, Any] = dataclasses.field(default_factory=dict)  # what OOMGUARD_KNOBS asked the child to set
+    observed: dict[str, Any] | None = None  # the child's recipe_observed payload (in force, else as built)
+    verified: dict[str, str] = dataclasses.field(default_factory=dict)  # ordered knob -> verified|not_applied|unverified
+    resumed_step: int | None = None  # the step of resumed_from
 
 
 @dataclasses.dataclass
@@ -44,9 +48,9 @@ class RunRecord:
     command: list[str]
     policy: str
     policy_file: str
-    requested: dict[str, Any]
-    config: dict[str, Any]
-    checkpoint_dir: str
+    requested: dict[str, Any]  # what attempt 1 really ran, as the child reported it (else its flags)
+    config: dict[str, Any]  # the knobs now
+    checkpoint_dir: str  # where the child's Trainer saves ("" until known)
     world_size: int = 1
     gpu: dict[str, Any] | None = None
     vram_limit: str | None = None
@@ -58,6 +62,11 @@ class RunRecord:
     give_up: str | None = None
     root_cause: str | None = None
     attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)
+    requested_source: str = "command"  # "observed": read in the child; "command": only its flags are known
+    orders: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the next attempt asks the child to set
+    capabilities: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> how a change reaches the child
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> why a change of it cannot land
+    start_from_policy: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

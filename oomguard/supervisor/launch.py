@@ -120,6 +120,19 @@ def _python_kind(rest: Sequence[str]) -> Launcher:
     return Launcher.PYTHON_SCRIPT  # python -c ... or bare python: still a Python interpreter
 
 
+RECIPE_MODULE = "oomguard.recipes.sft"
+
+
+def is_builtin_recipe(argv: Sequence[str]) -> bool:
+    """``python -m oomguard.recipes.sft ...`` or ``oomguard train ...``: oomguard's own recipe,
+    whose defaults are the policy's knobs."""
+    args = _skip_env_prefix(argv)
+    if len(args) >= 2 and os.path.basename(args[0]) == "oomguard" and args[1] == "train":
+        return True
+    pairs = list(zip(args, args[1:], [*args[2:], ""]))
+    return any(a == "-m" and (b == RECIPE_MODULE or (b == "oomguard" and c == "train")) for a, b, c in pairs)
+
+
 def _shell_kind(text: str) -> Launcher:
     return Launcher.SHELL_SCRIPT if _PY_IN_SCRIPT.search(text) else Launcher.OTHER
 

@@ -17,7 +17,8 @@ import psutil
 from ..errors import ExitCode
 from ..policy import (CheckpointInfo, Decision, Failure, GiveUpReason, RungRef,
                       decide, effective_batch)
-from ..protocol import (CKPT_TRAINER_STATE, ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
+from ..knobs import REGISTRY
+from ..protocol import (CKPT_TRAINER_STATE, ENV_ATTEMPT, ENV_OBSERVE, EVENT_CHANGE_NOT_APPLIED, EVENT_CHANGE_VERIFIED, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
                         ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
                         KNOBS_JSON, POLICY_COPY, FailureKind, RunStatus, atomic_write_json,
                         read_error_records)
@@ -25,14 +26,16 @@ from .checkpoints import CheckpointScan, move_aside_incomplete, quarantine_after
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
-from .history import (adopted_knobs, attempt_views, changed_knobs, data_profile, decision_dict, failure_dict,
-                      memory_growth, offer_unchanged)
+from .checkpoints import checkpoint_step
+from .command import flags_in_command, placeholders_in
+from .history import attempt_views, data_profile, decision_dict, failure_dict, memory_growth
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
+from .observation import NOT_APPLIED, VERIFIED, Observation, capabilities, observation_of, verify
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
 from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
 from .progress import ProgressTail, completed_step
 from .ranks import rank_records, root_cause_text
-from .spec import RunSpec
+from .spec import RunSpec, policy_knobs
 from .tree import run_processes, stop_processes
 
 GIVE_UP_EXIT = {GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
@@ -59,14 +62,20 @@ def _open_journal(spec: RunSpec) -> Journal:
     if record is None:
         record = RunRecord(status=RunStatus.RUNNING.value, command=list(spec.command), policy=spec.policy.name,
                            policy_file=str(getattr(spec.policy, "source", "")), requested=dict(spec.requested),
-                           config=dict(spec.requested), checkpoint_dir=str(spec.checkpoint_dir),
+                           config={**spec.requested, **spec.orders},
+                           checkpoint_dir=str(spec.checkpoint_dir) if spec.checkpoint_dir else "",
                            world_size=spec.world_size, gpu=dataclasses.asdict(spec.gpu) if spec.gpu else None,
-                           vram_limit=spec.vram_limit, inject=spec.inject)
+                           vram_limit=spec.vram_limit, inject=spec.inject, orders=dict(spec.orders),
+                           start_from_policy=spec.start_from_policy)
         journal = Journal(spec.run_dir, record)
         _copy_policy(spec)
         journal.save()
         journal.event("run_started", command=list(spec.command), policy=spec.policy.name,
-                      knobs=record.requested, world_size=spec.world_size, gpu=record.gpu)
+                      knobs=record.requested, world_size=spec.world_size, gpu=record.gpu,
+                      policy_orders=record.orders or None)
+        if record.orders:
+            _say(spec, f"starting from policy {spec.policy.name}'s knobs (not the command's): "
+                 + ", ".join(f"{k}={v}" for k, v in record.orders.items()))
         return journal
     journal = Journal(spec.run_dir, record)
     was = record.status
@@ -93,7 +102,9 @@ def _close_abandoned(spec: RunSpec, journal: Journal, attempt: AttemptRecord) ->
             f"{', '.join(str(p.pid) for p in ranks)}); {killed} needed SIGKILL")
     attempt.ended = time.time()
     attempt.interrupted = "supervisor died"
-    attempt.max_step = _max_step(spec, journal.events(), attempt, [])
+    events = journal.events()
+    _observe(spec, journal, attempt, events)  # where it saved, what it ran: the dead supervisor never read it
+    attempt.max_step = _max_step(journal, events, attempt, [])
     journal.event("attempt_abandoned", attempt=attempt.n, pid=attempt.pid, max_step=attempt.max_step,
                   orphan=orphan or "no process of it was left")
 
@@ -129,6 +140,7 @@ def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
             return _end(journal, RunStatus.INTERRUPTED, ExitCode.INTERRUPTED,
                         root_cause=f"interrupted by {signal.Signals(stop.signum).name} between attempts")
         record.config = dict(decision.knobs)
+        record.orders.update({c.knob: c.new for c in decision.changes})  # orders from now on
         rung, resume = decision.rung, decision.resume_from
 
 
@@ -158,19 +170,19 @@ def _record_pid(journal: Journal, attempt: AttemptRecord, pid: int) -> None:
 def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume: str | None) -> AttemptRecord:
     record = journal.record
     n = len(record.attempts) + 1
-    built = build_command(record.command, record.config, spec.flags, resume)
+    built = build_command(record.command, record.orders, spec.extra_flags, resume)
     attempt = AttemptRecord(n=n, started=time.time(), knobs=dict(record.config),
                             rung={"ladder": rung.ladder.value, "index": rung.index} if rung else None,
-                            resumed_from=resume, command=list(built.argv),
-                            delivered=offer_unchanged(dict(built.delivered), changed_knobs(record)))
+                            resumed_from=resume, command=list(built.argv), delivered=dict(built.delivered),
+                            orders=dict(record.orders), resumed_step=checkpoint_step(resume))
     record.attempts.append(attempt)
     atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
     journal.save()
     batch = _global_batch(attempt.knobs, spec.world_size)  # what the batch rung keeps constant
-    journal.event("attempt_started", attempt=n, knobs=attempt.knobs, rung=attempt.rung,
+    journal.event("attempt_started", attempt=n, knobs=attempt.knobs, rung=attempt.rung, orders=attempt.orders,
                   resumed_from=resume, command=attempt.command, delivered=attempt.delivered,
                   world_size=spec.world_size, effective_batch=batch, launch=launch_plan(attempt.command).to_dict())
-    _say(spec, f"attempt {n}: " + " ".join(f"{k}={v}" for k, v in attempt.knobs.items())
+    _say(spec, f"attempt {n}: " + (" ".join(f"{k}={v}" for k, v in attempt.knobs.items()) or "the command as written")
          + (f" · {spec.world_size} processes, global effective batch {batch}" if spec.world_size > 1 else "")
          + (f" · resuming from {Path(resume).name}" if resume else ""))
     return attempt
@@ -189,11 +201,15 @@ def _child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> dict[
     env.update({
         ENV_RUN_DIR: str(spec.run_dir.absolute()), ENV_ATTEMPT: str(attempt.n),
         ENV_ERROR_FILE: str((journal.attempt_dir(attempt.n) / ERROR_JSON).absolute()),
-        ENV_KNOBS: json.dumps(attempt.knobs), ENV_RESUME_FROM: attempt.resumed_from or "",
+        ENV_KNOBS: json.dumps(attempt.orders), ENV_RESUME_FROM: attempt.resumed_from or "",
         ENV_VRAM_LIMIT: spec.vram_limit or "", ENV_INJECT: spec.inject or "",
-        ENV_CHECKPOINT_DIR: str(spec.checkpoint_dir), ENV_SUPERVISOR_PID: str(os.getpid()),
-        "PYTHONUNBUFFERED": "1",
+        ENV_SUPERVISOR_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1",
+        ENV_OBSERVE: ",".join(k for k in policy_knobs(spec.policy) if k not in REGISTRY),
     })
+    if spec.redirect_checkpoints:  # the user's --checkpoint-dir: the child's output_dir moves there
+        env[ENV_CHECKPOINT_DIR] = str(spec.checkpoint_dir)
+    else:
+        env.pop(ENV_CHECKPOINT_DIR, None)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # DESIGN §6
     return bootstrap_env(env, attempt.command, attempt.delivered)
 
@@ -207,8 +223,8 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
                     outcome: ChildOutcome) -> Failure | None:
     records = read_error_records(journal.attempt_dir(attempt.n) / ERROR_JSON)
     events = journal.events()  # read once: progress and the bootstrap's outcome both come from it
-    _adopt(spec, journal, attempt, adopted_knobs(events, attempt.started))
-    attempt.max_step = _max_step(spec, events, attempt, records)
+    _observe(spec, journal, attempt, events)
+    attempt.max_step = _max_step(journal, events, attempt, records)
     failure = None if outcome.interrupted_by is not None else classify(
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
     if failure is not None and failure.kind is FailureKind.CUDA_OOM:
@@ -232,19 +248,52 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
     return failure
 
 
-def _adopt(spec: RunSpec, journal: Journal, attempt: AttemptRecord, adopted: dict[str, Any]) -> None:
-    """Knobs the wrapped script set itself (and no rung has changed) become the run's requested
-    values: the ladder starts from what the child really ran."""
-    adopted = {k: v for k, v in adopted.items() if attempt.knobs.get(k) != v}
-    if not adopted:
-        return
+def _observe(spec: RunSpec, journal: Journal, attempt: AttemptRecord, events: list[dict[str, Any]]) -> None:
+    """Take what the child reported it runs (Trust rules 2 and 3): the first report is the run's
+    ``requested``; every report sets the knobs now, where checkpoints go, what a change can reach;
+    each order is checked against it (``change_verified`` / ``change_not_applied``)."""
     record = journal.record
-    attempt.knobs.update(adopted)
-    record.config.update(adopted)
-    record.requested.update({k: v for k, v in adopted.items() if k not in changed_knobs(record)})
-    journal.event("knobs_adopted", attempt=attempt.n, knobs=adopted)
-    _say(spec, "the script sets " + ", ".join(f"{k}={v}" for k, v in adopted.items())
-         + " itself: kept, and the ladder starts there (a rung's change is applied over it)")
+    seen = observation_of(events, attempt.n, attempt.started)
+    if seen.seen:
+        attempt.observed = seen.payload()
+        attempt.knobs = {**{k: v for k, v in attempt.knobs.items() if k not in seen.fields}, **seen.knobs}
+        record.config = dict(attempt.knobs)
+        if record.requested_source != "observed":
+            record.requested = {**record.requested, **seen.knobs}
+            record.requested_source = "observed"
+            journal.event("requested_observed", attempt=attempt.n, knobs=record.requested, fields=seen.fields)
+        _checkpoint_dir_from(journal, seen.output_dir)
+    plan = launch_plan(attempt.command)
+    flags = flags_in_command(record.command, knobs=list(record.config), extra_flags=spec.extra_flags)
+    record.capabilities = capabilities(seen, flags, in_process=plan.delivery.value == "bootstrap",
+                                       placeholders=placeholders_in(record.command))
+    _verify(spec, journal, attempt, seen, events)
+
+
+def _checkpoint_dir_from(journal: Journal, output_dir: str | None) -> None:
+    record = journal.record
+    if output_dir and output_dir != record.checkpoint_dir:
+        journal.event("checkpoint_dir", path=output_dir, previous=record.checkpoint_dir or None,
+                      reported_by="the child's Trainer (args.output_dir)")
+        record.checkpoint_dir = output_dir
+
+
+def _verify(spec: RunSpec, journal: Journal, attempt: AttemptRecord, seen: Observation,
+            events: list[dict[str, Any]]) -> None:
+    record = journal.record
+    profile = data_profile(e for e in events if e.get("time", 0) >= attempt.started)
+    for check in verify(attempt.orders, seen, longest_row=profile.max_len if profile else None):
+        attempt.verified[check.knob] = check.status
+        if check.status == NOT_APPLIED:
+            record.unavailable[check.knob] = check.why
+            if check.observed is not None:
+                record.config[check.knob] = attempt.knobs[check.knob] = check.observed
+        event = {VERIFIED: EVENT_CHANGE_VERIFIED, NOT_APPLIED: EVENT_CHANGE_NOT_APPLIED}.get(check.status)
+        if event:
+            journal.event(event, attempt=attempt.n, knob=check.knob, expected=check.expected,
+                          observed=check.observed, why=check.why or None)
+        if check.status == NOT_APPLIED:
+            _say(spec, f"change not applied: {check.knob} → {check.expected}: {check.why}")
 
 
 def _own_footprint() -> dict[str, int]:
@@ -253,14 +302,19 @@ def _own_footprint() -> dict[str, int]:
     return {"rss": me.memory_info().rss, "fds": me.num_fds()}
 
 
-def _max_step(spec: RunSpec, events: list[dict[str, Any]], attempt: AttemptRecord, records: list) -> int | None:
+def _max_step(journal: Journal, events: list[dict[str, Any]], attempt: AttemptRecord, records: list) -> int | None:
     steps = [r.step for r in records if r.step is not None]
     steps += [step for e in events if e.get("time", 0) >= attempt.started
               and (step := completed_step(e)) is not None]
-    steps += [c.step for c in scan_checkpoints(spec.checkpoint_dir)
+    steps += [c.step for c in scan_checkpoints(_ckpt_dir(journal))
               if c.complete and _mtime(c.path) >= attempt.started]
     best = max(steps, default=0)
     return best if best > 0 else None  # step 0 is "no optimizer step completed", not progress
+
+
+def _ckpt_dir(journal: Journal) -> Path | None:
+    """Where the child's Trainer saves: its reported output_dir, else its flag (None: unknown yet)."""
+    return Path(journal.record.checkpoint_dir) if journal.record.checkpoint_dir else None
 
 
 def _mtime(path: Path) -> float:
@@ -271,7 +325,7 @@ def _mtime(path: Path) -> float:
 
 
 def _usable_checkpoints(spec: RunSpec, journal: Journal) -> list[CheckpointScan]:
-    scans = scan_checkpoints(spec.checkpoint_dir)
+    scans = scan_checkpoints(_ckpt_dir(journal))
     for bad in (s for s in scans if not s.complete):
         journal.event("checkpoint_skipped", path=str(bad.path), step=bad.step, problems=list(bad.problems))
         _move_aside(journal, bad)  # issue 5
@@ -296,15 +350,17 @@ def _resume_point(journal: Journal, spec: RunSpec, _failure: Failure | None) -> 
 
 def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
     if failure.kind is FailureKind.NAN_LOSS:  # issue 5: checkpoints written after the NaN move aside
-        quarantine_after_nan(spec.checkpoint_dir, journal.attempt_dir(len(journal.record.attempts)) / ERROR_JSON,
+        quarantine_after_nan(_ckpt_dir(journal), journal.attempt_dir(len(journal.record.attempts)) / ERROR_JSON,
                              failure.step, journal.event)
     usable = _usable_checkpoints(spec, journal)
-    bf16_ok = None
+    bf16_ok = False if spec.gpu is None else None  # no GPU: the child trains in fp32 or CPU bf16 it chose itself
     if spec.gpu is not None and spec.gpu.compute_capability:
         bf16_ok = tuple(spec.gpu.compute_capability) >= (8, 0)
-    decision = decide(spec.policy, attempt_views(journal.record), [CheckpointInfo(str(c.path), c.step) for c in usable],
-                      profile=data_profile(journal.events()), elapsed_s=time.time() - journal.record.started,
-                      world_size=spec.world_size, bf16_ok=bf16_ok)
+    record = journal.record
+    reach = {k: v for k, v in record.capabilities.items() if k not in record.unavailable}
+    decision = decide(spec.policy, attempt_views(record), [CheckpointInfo(str(c.path), c.step) for c in usable],
+                      profile=data_profile(journal.events()), elapsed_s=time.time() - record.started,
+                      world_size=spec.world_size, bf16_ok=bf16_ok, fp16_ok=spec.gpu is not None, capabilities=reach)
     journal.record.attempts[-1].decision = decision_dict(decision)
     journal.save()
     journal.event("decision", attempt=len(journal.record.attempts), **decision_dict(decision))

@@ -12,23 +12,37 @@ from pydantic import BaseModel
 from ..errors import UsageError
 from ..policy import GpuInfo, Policy, load_all_shipped, load_policy_arg, select_policy
 from ..protocol import POLICY_COPY, RUN_JSON, parse_inject, parse_size
-from .command import FlagSpec, flag_specs, knobs_in_command, output_dir_of, world_size_of
+from .command import knobs_in_command, output_dir_of, world_size_of
 from .gpu import detect_gpu, emulated_gpu
+from .launch import is_builtin_recipe
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
+    """What ``oomguard run`` was asked to do, parsed and checked once.
+
+    ``requested``: the knob values the command states as flags (all that is known before the
+    child reports its recipe); ``orders``: what attempt 1 asks the child to set in-process —
+    empty for a wrapped command (Trust rule 1), the policy's knobs the command does not set as
+    flags with ``--start-from-policy`` or for the built-in recipe (its defaults).
+    ``checkpoint_dir``: ``--checkpoint-dir`` (the child is redirected there), else the command's
+    ``--output_dir``, else None until the child reports where its Trainer saves.
+    """
+
     command: tuple[str, ...]
     policy: Policy
     run_dir: Path
-    checkpoint_dir: Path
-    requested: dict[str, Any]  # policy's starting knobs overlaid with the command's own flags
-    flags: dict[str, FlagSpec]
+    checkpoint_dir: Path | None
+    requested: dict[str, Any]
+    orders: dict[str, Any]
+    extra_flags: dict[str, tuple[str, ...]]
     world_size: int
     gpu: GpuInfo | None
     vram_limit: str | None = None
     inject: str | None = None
     echo: bool = True
+    redirect_checkpoints: bool = False  # --checkpoint-dir given: the bootstrap moves output_dir there
+    start_from_policy: bool = False
 
 
 def policy_knobs(policy: Policy) -> dict[str, Any]:
@@ -36,9 +50,21 @@ def policy_knobs(policy: Policy) -> dict[str, Any]:
     return dict(knobs.model_dump(exclude_none=True) if isinstance(knobs, BaseModel) else knobs)
 
 
-def policy_flags(policy: Policy) -> dict[str, Any]:
+def policy_flags(policy: Policy) -> dict[str, tuple[str, ...]]:
+    """knob -> the policy's extra CLI spellings (``flags.<knob>.names``)."""
     flags = getattr(policy, "flags", None) or {}
-    return {k: (v.model_dump() if isinstance(v, BaseModel) else v) for k, v in dict(flags).items()}
+    return {k: tuple(v.names if isinstance(v, BaseModel) else v.get("names", ())) for k, v in dict(flags).items()}
+
+
+def first_orders(policy: Policy, command: Sequence[str], extra: dict[str, tuple[str, ...]],
+                 start_from_policy: bool) -> dict[str, Any]:
+    """What attempt 1 asks the child to set: nothing, or (opted in / the built-in recipe) the
+    policy's knobs that the command does not state as flags (a flag the user wrote wins)."""
+    if not start_from_policy:
+        return {}
+    knobs = policy_knobs(policy)
+    written = knobs_in_command(command, knobs=list(knobs), extra_flags=extra)
+    return {k: v for k, v in knobs.items() if k not in written}
 
 
 def _check_command(command: Sequence[str]) -> tuple[str, ...]:
@@ -78,13 +104,16 @@ def resolve_policy(policy_arg: str | None, vram_limit: str | None,
 
 def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                checkpoint_dir: Path | None = None, vram_limit: str | None = None,
-               inject: str | None = None, echo: bool = True) -> RunSpec:
+               inject: str | None = None, echo: bool = True, start_from_policy: bool = False) -> RunSpec:
     _check_options(vram_limit, inject)
     cmd = _check_command(command)
     policy, gpu = resolve_policy(policy_arg, vram_limit, run_dir)
-    specs = flag_specs(policy_flags(policy), knobs=list(policy_knobs(policy)))
-    requested = {**policy_knobs(policy), **knobs_in_command(cmd, specs)}
-    out = checkpoint_dir or (Path(output_dir_of(cmd)) if output_dir_of(cmd) else run_dir / "checkpoints")
-    return RunSpec(command=cmd, policy=policy, run_dir=run_dir, checkpoint_dir=Path(out).absolute(),
-                   requested=requested, flags=specs, world_size=world_size_of(cmd), gpu=gpu,
-                   vram_limit=vram_limit, inject=inject, echo=echo)
+    extra = policy_flags(policy)
+    names = list(policy_knobs(policy))
+    start = start_from_policy or is_builtin_recipe(cmd)
+    out = checkpoint_dir or (Path(output_dir_of(cmd)) if output_dir_of(cmd) else None)
+    return RunSpec(command=cmd, policy=policy, run_dir=run_dir, checkpoint_dir=Path(out).absolute() if out else None,
+                   requested=knobs_in_command(cmd, knobs=names, extra_flags=extra),
+                   orders=first_orders(policy, cmd, extra, start), extra_flags=extra,
+                   world_size=world_size_of(cmd), gpu=gpu, vram_limit=vram_limit, inject=inject, echo=echo,
+                   redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start)

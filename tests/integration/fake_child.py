@@ -106,6 +106,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--per_device_train_batch_size", type=int, default=8)
     ap.add_argument("--gradient_accumulation_steps", type=int, default=1)
     ap.add_argument("--max_seq_length", type=int, default=512)
+    ap.add_argument("--precision", default="bf16", choices=protocol.PRECISIONS)
     ap.add_argument("--output_dir", default=None)
     ap.add_argument("--max_steps", type=int, default=6)
     ap.add_argument("--save_steps", type=int, default=2)
@@ -153,12 +154,29 @@ def save_maybe_full(args, out: Path, step: int, run_dir: Path, attempt: int) -> 
     save_checkpoint(out, step, run_dir, args.opt_bytes)  # OSError (ENOSPC/EFBIG) ends us with a traceback
 
 
+def report_recipe(args, run_dir: Path, attempt: int, out: Path) -> None:
+    """What the real guard reports (``recipe_observed``, both stages): the knobs from the flags, with
+    oomguard's orders applied on top as the bootstrap would apply them to an arguments object."""
+    knobs = {"per_device_train_batch_size": args.per_device_train_batch_size,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps,
+             "max_seq_length": args.max_seq_length, "precision": args.precision}
+    orders = json.loads(os.environ.get(protocol.ENV_KNOBS) or "{}")
+    knobs.update({k: v for k, v in orders.items() if k in knobs})
+    args.per_device_train_batch_size = knobs["per_device_train_batch_size"]
+    args.gradient_accumulation_steps = knobs["gradient_accumulation_steps"]
+    args.max_seq_length, args.precision = knobs["max_seq_length"], knobs["precision"]
+    for stage in (protocol.STAGE_BUILT, protocol.STAGE_IN_FORCE):
+        protocol.emit_event(run_dir, protocol.EVENT_RECIPE_OBSERVED, rank=0, attempt=attempt, stage=stage,
+                            knobs=knobs, fields={k: k for k in knobs}, output_dir=str(out.absolute()),
+                            world_size=1, trainer="FakeTrainer", args_class="argparse.Namespace", lora=False)
+
+
 def main() -> int:
     args = parse()
     env = os.environ
-    out = Path(env.get(protocol.ENV_CHECKPOINT_DIR) or args.output_dir or "out")
-    out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(env.get(protocol.ENV_RUN_DIR, "."))
+    out = Path(env.get(protocol.ENV_CHECKPOINT_DIR) or args.output_dir or run_dir / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
     attempt = int(env.get(protocol.ENV_ATTEMPT, "1"))
     if attempt > args.disk_full_attempts and (out / ".filler").exists():
         (out / ".filler").unlink()  # whoever filled the disk is gone by the retry
@@ -170,6 +188,8 @@ def main() -> int:
         print(f"fake child: unknown --plan kinds {unknown}; use {', '.join(PLAN_KINDS)}", file=sys.stderr)
         return 2
     kind = plan[attempt - 1] if attempt <= len(plan) else "ok"
+    if protocol.ENV_RUN_DIR in env:
+        report_recipe(args, run_dir, attempt, out)
     resume = env.get(protocol.ENV_RESUME_FROM) or ""
     start = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]) if resume else 0
     print(f"fake child: batch={args.per_device_train_batch_size} accum={args.gradient_accumulation_steps} "

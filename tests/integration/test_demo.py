@@ -37,7 +37,9 @@ def test_demo_exits_0_and_prints_the_summary_root_cause_first(demo):
     summary = r.stderr[r.stderr.rindex("oomguard: run finished"):]
     lines = summary.splitlines()
     assert lines[1].startswith("root cause: cuda_oom at step 6")
-    assert "requested → final:" in summary and "effective batch" in summary
+    assert "requested (as the child ran it) → final:" in summary and "effective batch" in summary
+    # only changes the child showed are listed as made
+    assert "(changed)" in summary and "not verified" not in summary and "not applied" not in summary
 
 
 @pytest.mark.slow
@@ -85,3 +87,21 @@ def test_nan_rolls_back_to_a_checkpoint_at_or_before_it_never_after(demo):
     nan_time = nan["ended"]
     ckpt = Path(last["resumed_from"])
     assert (ckpt / "trainer_state.json").stat().st_mtime < nan_time  # written before the NaN
+
+
+@pytest.mark.slow
+def test_the_nan_rungs_learning_rate_is_in_force_after_the_rollback(demo):
+    """HF restores scheduler.pt/optimizer.pt over a new learning rate: the rung must still take
+    effect. Checked from the child's own trainer_state.json, not from the journal."""
+    _, run_dir = demo
+    run = json.loads((run_dir / "run.json").read_text())
+    nan, last = run["attempts"][1], run["attempts"][2]
+    change = next(c for c in nan["decision"]["changes"] if c["knob"] == "learning_rate")
+    assert change["new"] < change["old"]
+    resumed = int(last["resumed_from"].rpartition("-")[2])
+    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
+    before = [h["learning_rate"] for h in state["log_history"] if "loss" in h and h["step"] <= resumed]
+    after = [h["learning_rate"] for h in state["log_history"] if "loss" in h and h["step"] > resumed]
+    assert after and all(abs(lr - change["new"]) <= 1e-12 for lr in after), after
+    assert before[-1] == pytest.approx(change["old"])
+    assert last["verified"]["learning_rate"] == "verified"

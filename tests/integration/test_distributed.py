@@ -81,15 +81,18 @@ def test_oom_on_rank_1_stops_both_ranks_and_resumes_both_with_the_new_knobs(tmp_
         "error.json", "error.rank1.json"]
     assert run_processes(run_dir) == []
     # the global effective batch (batch x accumulation x 2 ranks) is journaled and kept
-    assert [(e["world_size"], e["effective_batch"]) for e in of(events, "attempt_started")] == [(2, 8), (2, 8)]
+    # (attempt 1's is unknown to the supervisor until the child reports it: observed, then kept)
+    assert [(e["world_size"], e["effective_batch"]) for e in of(events, "attempt_started")] == [(2, None), (2, 8)]
+    assert first["observed"]["effective_batch"] == 8 and run["requested"]["per_device_train_batch_size"] == 4
     assert (second["knobs"]["per_device_train_batch_size"], second["knobs"]["gradient_accumulation_steps"]) == (2, 2)
     assert second["failure"] is None and second["resumed_from"].endswith("checkpoint-2")
-    # every rank's own Trainer ran with the new knobs (one banner per rank and attempt)
-    banners = {(e["attempt"], e["rank"]): e["in_effect"] for e in of(events, "bootstrap_trainer")}
-    assert set(banners) == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    # every rank's own Trainer ran with the new knobs (one report per rank, attempt and stage)
+    seen = {(e["attempt"], e["rank"]): e["knobs"] for e in of(events, "recipe_observed") if e["stage"] == "in_force"}
+    assert set(seen) == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    batch = ("per_device_train_batch_size", "gradient_accumulation_steps")
     for rank in (0, 1):
-        assert banners[(1, rank)] == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
-        assert banners[(2, rank)] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+        assert tuple(seen[(1, rank)][k] for k in batch) == (4, 1)
+        assert tuple(seen[(2, rank)][k] for k in batch) == (2, 2)
     checkpoint = Path(run["checkpoint_dir"]) / "checkpoint-6"
     args = torch.load(checkpoint / "training_args.bin", weights_only=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)

@@ -92,7 +92,10 @@ def test_nan_record_rolls_back_and_applies_nan_ladder(tmp_path):
     first = run["attempts"][0]
     assert first["failure"]["kind"] == "nan_loss" and first["failure"]["step"] == 3
     assert run["attempts"][1]["resumed_from"].endswith("checkpoint-2")  # at or before the NaN
-    assert run["config"]["precision"] == "fp16"
+    # the ladder's precision -> fp16 rung needs CUDA: on this machine it is passed over, said why,
+    # and the child keeps the precision it ran (Trust rule 2)
+    assert run["config"]["precision"] == "bf16"
+    assert "fp16 mixed precision needs a CUDA GPU" in first["decision"]["reason"]
 
 
 def test_sigkill_with_host_memory_low_is_crash(tmp_path):

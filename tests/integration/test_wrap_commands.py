@@ -73,9 +73,9 @@ def test_accelerate_launch_of_a_plain_trainer_script(tmp_path):
     run, events = recovered(run_dir)
     assert of(events, "attempt_started", 1)[0]["launch"] == {
         "launcher": "accelerate", "delivery": "bootstrap", "reason": "accelerate: bootstrap on PYTHONPATH"}
-    # the script hard-codes its output_dir: checkpoints went where the supervisor resumes from
+    # the script's own output_dir (no flag): the supervisor found its checkpoints there
     trainer_event = of(events, "bootstrap_trainer", 2)[0]
-    assert trainer_event["output_dir"]["new"] == run["checkpoint_dir"]
+    assert trainer_event["output_dir"] is None and run["checkpoint_dir"] == str(tmp_path / "out")
     assert knob_paths(trainer_event)["per_device_train_batch_size"] == "in_process"
     args = saved_args(Path(run["checkpoint_dir"]) / "checkpoint-4" / "training_args.bin")
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
@@ -92,29 +92,51 @@ def test_plain_sft_script_with_lora_config_gets_the_new_rank(tmp_path, model_dir
     run, events = recovered(tmp_path / "run")
     assert run["config"]["lora_r"] == 4
     lora = of(events, "bootstrap_lora")
-    # attempt 1: the script's own lora_alpha=16 (LoraConfig's default is 8) is kept as offered
-    assert [(e["r"]["old"], e["r"]["new"], e["via"]) for e in lora] == [(8, 8, "adopted"), (8, 4, "in_process")]
-    assert lora[0]["adopted"] == {"lora_alpha": 16}
+    # attempt 1 ran the script's own LoraConfig untouched (r=8 equals peft's default: still the script's);
+    # the rung's order reached attempt 2's config in-process, and the live adapter showed it
+    assert [(e["r"]["old"], e["r"]["new"], e["via"]) for e in lora] == [(8, 4, "in_process")]
+    assert run["requested"]["lora_r"] == 8 and run["attempts"][1]["verified"] == {"lora_r": "verified"}
     final = json.loads((out / "adapter_config.json").read_text())  # the script's own save_model
     resumed = json.loads((Path(run["checkpoint_dir"]) / "checkpoint-4" / "adapter_config.json").read_text())
     assert final["r"] == resumed["r"] == 4 and final["lora_alpha"] == 16
     assert saved_args(out / "training_args.bin").max_length == 64
 
 
-def test_a_script_value_the_policy_only_offers_is_kept_and_the_ladder_starts_there(tmp_path):
-    """The script hard-codes batch 4; the policy starts at 16. Attempt 1 trains at 4 (the policy's
-    value is only an offer for a knob no rung has changed), the journal says so, and the batch rung
-    halves 4 -> 2 (accumulation x2) — an order the bootstrap applies over the script's value."""
+def test_the_scripts_own_values_run_and_the_ladder_starts_there(tmp_path):
+    """The script hard-codes batch 4; the policy's knobs say 16. Attempt 1 trains at 4 (the policy is
+    no order for a wrapped command), requested says 4 as observed in the child, and the batch rung
+    halves 4 -> 2 (accumulation x2): an order the bootstrap applies in-process and the child shows."""
     run_dir = tmp_path / "run"
     oomguard_run(run_dir, HERE / "policies" / "wrap_adopt.yaml", sys.executable,
                  str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4")
     run, events = recovered(run_dir)
-    assert run["attempts"][0]["delivered"]["per_device_train_batch_size"] == "offer"
-    assert knob_paths(of(events, "bootstrap_trainer", 1)[0])["per_device_train_batch_size"] == "adopted"
-    assert [e["knobs"] for e in of(events, "knobs_adopted")] == [{"per_device_train_batch_size": 4}]
-    assert run["requested"]["per_device_train_batch_size"] == 4 and run["attempts"][0]["knobs"][
-        "per_device_train_batch_size"] == 4
-    assert run["attempts"][1]["delivered"]["per_device_train_batch_size"] == "env"  # changed by a rung: an order
+    assert run["attempts"][0]["orders"] == {} and run["attempts"][0]["delivered"] == {}
+    assert run["requested_source"] == "observed" and run["requested"]["per_device_train_batch_size"] == 4
+    assert run["attempts"][1]["delivered"]["per_device_train_batch_size"] == "in_process"
     assert knob_paths(of(events, "bootstrap_trainer", 2)[0])["per_device_train_batch_size"] == "in_process"
+    assert [(e["knob"], e["observed"]) for e in of(events, "change_verified", 2)] == [
+        ("per_device_train_batch_size", 2), ("gradient_accumulation_steps", 2)]
     args = saved_args(Path(run["checkpoint_dir"]) / "checkpoint-4" / "training_args.bin")
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
+
+
+def test_trl_sft_nan_learning_rate_rung_is_in_force_after_the_rollback(tmp_path, model_dir, data_dir):
+    """NaN at step 3 -> roll back to checkpoint-2 with learning_rate 1e-3 -> 5e-4. HF restores the
+    checkpoint's scheduler/optimizer LR over the edited flag; the child's own trainer_state.json must
+    still log 5e-4 for every step after the rollback (checked from the child's files)."""
+    out = tmp_path / "out"
+    oomguard_run(tmp_path / "run", HERE / "policies" / "wrap_nan.yaml", str(BIN / "trl"), "sft",
+                 "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--use_peft",
+                 "--lora_r", "8", "--output_dir", str(out), "--max_steps", "5", "--save_steps", "2",
+                 "--per_device_train_batch_size", "4", "--max_length", "64", "--use_cpu", "--report_to", "none",
+                 "--logging_steps", "1", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+                 "--dataloader_num_workers", "0", inject="nan@step=3")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    first, second = run["attempts"]
+    assert first["failure"]["kind"] == "nan_loss" and second["resumed_from"].endswith("checkpoint-2")
+    assert second["command"][second["command"].index("--learning_rate") + 1] == "0.0005"  # edited in place
+    assert second["verified"] == {"learning_rate": "verified"}
+    state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
+    lrs = {h["step"]: h["learning_rate"] for h in state["log_history"] if "loss" in h}
+    assert sorted(lrs) == [1, 2, 3, 4, 5]
+    assert [lrs[s] for s in (1, 2)] == [1e-3, 1e-3] and all(lrs[s] == 5e-4 for s in (3, 4, 5)), lrs

@@ -120,23 +120,17 @@ def test_launcher_parents_are_recognised(argv, expected):
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # SFTConfig's own default
-def test_an_offered_knob_the_script_set_itself_is_kept():
+def test_only_orders_are_applied_whatever_equals_a_class_default():
+    """Trust rule 1: no orders, no change — even where the script's value equals the class default
+    (the old "offer" logic read such values as unset and overwrote them)."""
     from trl import SFTConfig
 
-    from oomguard.bootstrap.knobs import OFFER, plan
+    from oomguard.bootstrap.knobs import plan
 
-    args = SFTConfig(output_dir="/tmp/x", per_device_train_batch_size=16, max_length=1024, bf16=False,
+    args = SFTConfig(output_dir="/tmp/x", per_device_train_batch_size=8, max_length=1024, bf16=False,
                      use_cpu=True, report_to="none")
-    knobs = {"per_device_train_batch_size": 4, "max_seq_length": 512, "precision": "fp32"}
-    offered = {k: OFFER for k in knobs}
-    changes, _ = plan(args, knobs, offered, cuda=False)
+    assert plan(args, {}, {}, cuda=False) == ([], [])
+    changes, skipped = plan(args, {"per_device_train_batch_size": 4, "max_seq_length": 512}, {}, cuda=False)
     by_field = {c.field: c for c in changes}
-    # batch 16 differs from SFTConfig's default (8): the script chose it, it stays
-    assert (by_field["per_device_train_batch_size"].new, by_field["per_device_train_batch_size"].via) == (16, Via.ADOPTED)
-    # max_length 1024 is SFTConfig's default: the policy's offer applies
-    assert (by_field["max_length"].new, by_field["max_length"].via) == (512, Via.IN_PROCESS)
-    # bf16=False differs from SFTConfig's default (True): the script chose fp32, kept
-    assert by_field["bf16"].via == Via.ADOPTED and by_field["bf16"].new is False
-    # an order (a rung changed it) is applied whatever the script says
-    changes, _ = plan(args, knobs, {**offered, "per_device_train_batch_size": "env"}, cuda=False)
-    assert {c.field: c.new for c in changes}["per_device_train_batch_size"] == 4
+    assert (by_field["per_device_train_batch_size"].new, by_field["per_device_train_batch_size"].via) == (4, Via.IN_PROCESS)
+    assert by_field["max_length"].new == 512 and skipped == []

@@ -41,3 +41,23 @@ def test_sigkill_host_oom_threshold_and_hang():
     low = classify(outcome(rc=None, sig=signal.SIGKILL, mem=40), [], host_oom_percent=90)
     assert low.kind == FailureKind.CRASH and "SIGKILL" in low.detail
     assert classify(outcome(rc=None, sig=signal.SIGTERM, hung=True), [], host_oom_percent=90).kind == FailureKind.HANG
+
+
+@pytest.mark.parametrize("stderr, line", [
+    ("usage: train.py [-h] [--lr LR]\ntrain.py: error: unrecognized arguments: --gradient_accumulation_steps 8\n",
+     "train.py: error: unrecognized arguments: --gradient_accumulation_steps 8"),
+    ("usage: trl [-h]\ntrl: error: argument --bf16: expected one argument\n",
+     "trl: error: argument --bf16: expected one argument"),
+    ("Usage: yamltrain [OPTIONS] CONFIG\nTry 'yamltrain --help' for help.\n\nError: No such option: --x\n",
+     "Error: No such option: --x"),
+])
+def test_a_usage_error_before_any_step_is_marked_deterministic(stderr, line):
+    f = classify(outcome(rc=2, stderr=stderr), [], host_oom_percent=90)
+    assert f.kind == FailureKind.CRASH and f.usage and f.phase == Phase.STARTUP and line in f.detail
+
+
+def test_exit_2_after_steps_or_without_a_usage_message_is_a_plain_crash():
+    usage = "usage: t.py\nt.py: error: bad\n"
+    assert not classify(outcome(rc=2, stderr=usage), [], host_oom_percent=90, last_step=3).usage
+    assert not classify(outcome(rc=2, stderr="ValueError: x\n"), [], host_oom_percent=90).usage
+    assert not classify(outcome(rc=1, stderr=usage), [], host_oom_percent=90).usage

@@ -20,26 +20,33 @@ def test_failure_dict_keeps_growth_only_when_seen():
     assert "memory_growth" not in failure_dict(Failure(FailureKind.CUDA_OOM, 3))
 
 
-def test_offers_go_only_to_env_knobs_no_decision_changed():
-    from oomguard.supervisor.history import offer_unchanged
+def test_observation_is_rank_zero_of_this_attempt_in_force_over_built():
+    from oomguard.protocol import EVENT_RECIPE_OBSERVED as EV
+    from oomguard.supervisor.observation import observation_of
 
-    delivered = {"per_device_train_batch_size": "env", "gradient_accumulation_steps": "env", "lora_r": "flag"}
-    assert offer_unchanged(delivered, {"gradient_accumulation_steps"}) == {
-        "per_device_train_batch_size": "offer", "gradient_accumulation_steps": "env", "lora_r": "flag"}
+    built = {"event": EV, "time": 20.0, "rank": 0, "attempt": 2, "stage": "built", "output_dir": "/o",
+             "knobs": {"per_device_train_batch_size": 4, "learning_rate": 1e-3}, "fields": {"learning_rate": "learning_rate"}}
+    force = {**built, "time": 21.0, "stage": "in_force", "knobs": {"learning_rate": 5e-4}, "fields": {"learning_rate": "optimizer"}}
+    older = {**built, "attempt": 1, "time": 5.0, "knobs": {"per_device_train_batch_size": 99}}
+    rank1 = {**built, "rank": 1, "knobs": {"per_device_train_batch_size": 7}}
+    seen = observation_of([older, built, rank1, force], attempt=2, since=10.0)
+    assert seen.knobs == {"per_device_train_batch_size": 4, "learning_rate": 5e-4}
+    assert seen.fields == {"learning_rate": "optimizer"} and seen.output_dir == "/o"
+    assert not observation_of([older], attempt=2, since=10.0).seen
 
 
-def test_adopted_knobs_from_rank_zero_banners_of_this_attempt():
-    from oomguard.supervisor.history import adopted_knobs
+def test_verify_and_capabilities():
+    from oomguard.supervisor.observation import NOT_APPLIED, UNVERIFIED, VERIFIED, Observation, capabilities, verify
 
-    banner = {"event": "bootstrap_trainer", "time": 20.0, "rank": 0, "knobs": [
-        {"knob": "per_device_train_batch_size", "field": "per_device_train_batch_size", "old": 16, "new": 16,
-         "via": "adopted"},
-        {"knob": "precision", "field": "bf16", "old": True, "new": True, "via": "adopted"},
-        {"knob": "precision", "field": "fp16", "old": False, "new": False, "via": "adopted"},
-        {"knob": "gradient_accumulation_steps", "field": "gradient_accumulation_steps", "old": 1, "new": 2,
-         "via": "in_process"}]}
-    lora = {"event": "bootstrap_lora", "time": 21.0, "adopted": {"lora_alpha": 64}}
-    older = {**banner, "time": 5.0, "knobs": [{**banner["knobs"][0], "new": 99, "old": 99}]}
-    rank1 = {**banner, "rank": 1, "knobs": [{**banner["knobs"][0], "new": 7, "old": 7}]}
-    assert adopted_knobs([older, banner, rank1, lora], since=10.0) == {
-        "per_device_train_batch_size": 16, "precision": "bf16", "lora_alpha": 64}
+    seen = Observation(built={"knobs": {"learning_rate": 1e-3, "per_device_train_batch_size": 2},
+                              "fields": {"learning_rate": "learning_rate", "per_device_train_batch_size": "x"}})
+    checks = {c.knob: c.status for c in verify({"learning_rate": 5e-4, "per_device_train_batch_size": 2.0,
+                                                "lora_r": 4, "max_seq_length": 128}, seen, longest_row=100)}
+    assert checks == {"learning_rate": NOT_APPLIED, "per_device_train_batch_size": VERIFIED,
+                      "lora_r": UNVERIFIED, "max_seq_length": VERIFIED}
+    assert {c.status for c in verify({"max_seq_length": 64}, seen, longest_row=100)} == {NOT_APPLIED}
+    assert {c.status for c in verify({"learning_rate": 5e-4}, Observation())} == {UNVERIFIED}
+    reach = capabilities(seen, {"max_seq_length": "--block_size"}, in_process=True, placeholders={"lora_r"})
+    assert reach == {"max_seq_length": "flag --block_size", "lora_r": "placeholder",
+                     "learning_rate": "in_process learning_rate", "per_device_train_batch_size": "in_process x"}
+    assert set(capabilities(seen, {}, in_process=False)) == set()

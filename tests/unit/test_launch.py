@@ -88,3 +88,28 @@ def test_outcome_says_in_process_or_fallback():
     assert bootstrap_outcome("bootstrap", events, since=10.0) == "in_process"
     assert bootstrap_outcome("bootstrap", events, since=13.0) == "fallback"  # an earlier attempt's event
     assert bootstrap_outcome("flags_env", events, since=10.0) == "flags_env"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["python", "-m", "oomguard.recipes.sft", "--max_steps", "4"], True), (["oomguard", "train"], True),
+    (["/venv/bin/oomguard", "train", "--lora_r", "8"], True), (["python", "-m", "oomguard", "train"], True),
+    (["trl", "sft"], False),
+    (["oomguard", "run", "--", "python", "t.py"], False), (["python", "-m", "oomguard", "demo"], False),
+])
+def test_the_builtin_recipe_is_recognised(argv, expected):
+    from oomguard.supervisor.launch import is_builtin_recipe
+
+    assert is_builtin_recipe(argv) is expected
+
+
+def test_attempt_one_orders_are_empty_unless_starting_from_the_policy():
+    from oomguard.policy import load_policy_arg
+    from oomguard.supervisor.spec import first_orders
+
+    pol = load_policy_arg("demo")
+    cmd = ["python", "t.py", "--per_device_train_batch_size", "16", "--bf16", "True"]
+    assert first_orders(pol, cmd, {}, start_from_policy=False) == {}
+    orders = first_orders(pol, cmd, {}, start_from_policy=True)
+    # the flags the user wrote win; the rest are the policy's
+    assert "per_device_train_batch_size" not in orders and "precision" not in orders
+    assert orders["learning_rate"] == pol.start_knobs()["learning_rate"] and orders["lora_r"] == 8

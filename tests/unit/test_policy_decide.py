@@ -89,7 +89,7 @@ def test_ladder_runs_in_order_then_gives_up_with_root_cause():
 def test_bf16_rung_skipped_where_unsupported():
     history, last = run_oom_sequence(policy(), K.CUDA_OOM, bf16_ok=False)
     assert all(a.knobs["precision"] == "fp16" for a in history)
-    assert "this GPU has no bf16" in last.reason
+    assert "this device has no bf16" in last.reason
 
 
 def test_resume_oom_retries_same_knobs_then_degrades():
@@ -232,12 +232,30 @@ def test_repeated_nan_rolls_back_further_each_time():
     nan = Failure(kind=FailureKind.NAN_LOSS, step=10)
     history = []
     picked = []
+    resumed = None
     for n in range(1, 5):
-        history.append(AttemptView(n=n, knobs=knobs, rung=None, failure=nan, max_step=10))
+        history.append(AttemptView(n=n, knobs=knobs, rung=None, failure=nan, max_step=10, resumed_step=resumed))
         d = decide(policy, history, ckpts)
         picked.append(d.resume_from)
         knobs = d.knobs
+        resumed = int(d.resume_from.rpartition("-")[2]) if d.resume_from else None
     assert picked == ["/c/checkpoint-10", "/c/checkpoint-8", "/c/checkpoint-4", None]
+
+
+def test_nan_after_progress_past_a_clean_checkpoint_restarts_the_walk_back():
+    """Rollback to checkpoint-12 after a NaN at 14; the next attempt trains and saves checkpoint-16,
+    then NaNs at 18: that is a new NaN, so back to the newest clean checkpoint (16), not further."""
+    from oomguard.policy import AttemptView, CheckpointInfo, Failure, decide, load_policy_arg
+    from oomguard.protocol import FailureKind
+
+    policy = load_policy_arg("demo")
+    knobs = policy.start_knobs()
+    ckpts = [CheckpointInfo(f"/c/checkpoint-{s}", s) for s in (4, 8, 12, 16)]
+    first = AttemptView(1, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=14), 14)
+    again = AttemptView(2, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=18), 18, resumed_step=12)
+    assert decide(policy, [first, again], ckpts).resume_from == "/c/checkpoint-16"
+    stuck = AttemptView(2, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=14), 14, resumed_step=12)
+    assert decide(policy, [first, stuck], ckpts).resume_from == "/c/checkpoint-8"
 
 
 @pytest.mark.parametrize("name", ["rtx-24gb", "h100-80gb"])
@@ -297,3 +315,42 @@ def test_oom_after_steady_growth_restarts_with_the_same_knobs():
     assert d.rung == RungRef(K.CUDA_OOM, 0)
     # flat memory: the ladder at once
     assert decide(pol, [_oom(1, knobs, 24)], CKPTS).rung == RungRef(K.CUDA_OOM, 0)
+
+
+def test_a_usage_error_gives_up_at_once_with_the_parsers_message_first():
+    f = Failure(K.CRASH, None, Phase.STARTUP, "the command's argument parser rejected it: t.py: error: "
+                "unrecognized arguments: --x 1", usage=True)
+    d = decide(policy(), [AttemptView(1, policy().start_knobs(), None, f, None)], CKPTS)
+    assert d.action == "give_up" and d.give_up is GiveUpReason.UNRECOVERABLE
+    assert d.reason.startswith("the command's argument parser rejected it: t.py: error: unrecognized arguments")
+
+
+def test_rungs_on_knobs_the_child_cannot_take_are_passed_over_saying_why():
+    """Trust rule 2: the length rung needs a length the child can take; without one the batch
+    rung is the first one taken, and the decision names the rung passed over."""
+    pol = policy()
+    knobs = {k: v for k, v in pol.start_knobs().items() if k != "max_seq_length"}  # the child has no length field
+    d = decide(pol, [AttemptView(1, knobs, None, Failure(K.CUDA_OOM, 5), 5)], CKPTS)
+    assert d.rung == RungRef(K.CUDA_OOM, 1) and "has no max_seq_length oomguard could observe" in d.reason
+    reach = {"per_device_train_batch_size": "in_process"}  # no way to change accumulation: no batch rung
+    d = decide(pol, [attempt(1, pol, K.CUDA_OOM, 5, max_step=5)], CKPTS, capabilities=reach)
+    assert d.action == "give_up" and "cannot take a new max_seq_length" in d.reason
+    assert "cannot take a new gradient_accumulation_steps" in d.reason
+
+
+def test_a_length_rung_never_proposes_a_length_at_or_above_the_longest_row():
+    pol = policy()
+    prof = DataProfile(100, ((0.0, 100), (0.5, 300), (1.0, 500)), 500)  # floor 512 > longest row 500
+    d = decide(pol, [attempt(1, pol, K.CUDA_OOM, 5, max_step=5)], CKPTS, profile=prof)
+    assert d.rung == RungRef(K.CUDA_OOM, 1) and "max_seq_length" not in {c.knob for c in d.changes}
+
+
+def test_precision_rungs_only_to_a_precision_the_device_has():
+    pol = policy(ladders={"cuda_oom": {"rungs": [{"knob": "precision", "op": "set", "value": "fp16",
+                                                  "resume": "numeric"}]}}, knobs={"precision": "bf16"})
+    h = [attempt(1, pol, K.CUDA_OOM, 5, max_step=5)]
+    assert decide(pol, h, CKPTS, fp16_ok=True).knobs["precision"] == "fp16"
+    d = decide(pol, h, CKPTS, fp16_ok=False)
+    assert d.action == "give_up" and "fp16 mixed precision needs a CUDA GPU" in d.reason
+    same = [attempt(1, {**pol.start_knobs(), "precision": "fp16"}, K.CUDA_OOM, 5, max_step=5)]
+    assert decide(pol, same, CKPTS).action == "give_up"  # already fp16: nothing to move away from

@@ -45,8 +45,14 @@ def test_empty_resume_from_means_a_fresh_start():
 
 def test_unknown_knob_is_ignored_with_a_message(capsys):
     o = resolve_options([], environ={protocol.ENV_KNOBS: '{"flux_capacitor": 3}'})
-    assert o == RecipeOptions()
+    assert o == RecipeOptions(output_dir="oomguard-sft")
     assert "flux_capacitor" in capsys.readouterr().err
+
+
+def test_output_dir_defaults_into_the_run_dir_under_oomguard_and_a_flag_wins():
+    assert resolve_options([], environ={protocol.ENV_RUN_DIR: "/runs/a"}).output_dir == "/runs/a/checkpoints"
+    assert resolve_options(["--output_dir", "mine"], environ={protocol.ENV_RUN_DIR: "/runs/a"}).output_dir == "mine"
+    assert resolve_options([], environ={}).output_dir == "oomguard-sft"
 
 
 @pytest.mark.parametrize("raw, match", [("{not json", "not JSON"), ("[1, 2]", "not a JSON object"),
