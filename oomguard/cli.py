@@ -29,17 +29,41 @@ def _default_run_dir() -> Path:
     return Path("oomguard-runs") / time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def _existing_command(run_dir: Path) -> list[str]:
-    from .supervisor.journal import load_record
+def _command_for(run_dir: Path, given: list[str]) -> list[str]:
+    """The command to run in ``run_dir``: a new run's, or the recorded one of a run to continue.
+    A different command for an existing run is refused: it would run the old command (from
+    scratch) into the new command's output dir."""
+    from .errors import RunDirError
+    from .supervisor.journal import check_not_in_use, command_text, load_record, masked_secrets, remember_command
+    from .protocol import redact_argv
+    from .supervisor.spec import check_run_dir
 
+    check_run_dir(run_dir)  # a file, or a dir below one, is named as such, not as "not a run dir"
+    check_not_in_use(run_dir)
     record = load_record(run_dir)
-    return list(record.command) if record else []
+    if record is None:
+        remember_command(run_dir, given)
+        return given
+    if given and redact_argv(given) != redact_argv(record.command):
+        raise RunDirError(f"{run_dir}: this run dir holds a run of `{command_text(record.command)}`, not "
+                          f"`{command_text(given)}`; continue it with `oomguard run --run-dir {run_dir}` "
+                          "(no command), or pass a new --run-dir for the new command")
+    if not given and masked_secrets(record.command):
+        raise RunDirError(f"{run_dir}: the run's command held secret values, which are not saved "
+                          f"(`{command_text(record.command)}`); continue it with the same command: "
+                          f"`oomguard run --run-dir {run_dir} -- <command>`")
+    command = given or list(record.command)
+    remember_command(run_dir, command)
+    return command
 
 
 def _print_summary(run_dir: Path) -> None:
     from .report import render_text, summarize
 
-    typer.echo("\n" + render_text(summarize(run_dir)), err=True)
+    try:
+        typer.echo("\n" + render_text(summarize(run_dir)), err=True)
+    except OomguardError as exc:  # the run's own outcome stands; say why there is no summary
+        typer.echo(f"oomguard: no summary: {exc}", err=True)
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -59,7 +83,7 @@ def run(ctx: typer.Context,
 
     try:
         rd = run_dir or _default_run_dir()
-        command = list(ctx.args) or _existing_command(rd)
+        command = _command_for(rd, list(ctx.args))
         spec = build_spec(command, policy_arg=policy, run_dir=rd, checkpoint_dir=checkpoint_dir,
                           vram_limit=vram_limit, inject=inject, echo=not quiet, start_from_policy=start_from_policy)
         if dry_run:
@@ -85,10 +109,16 @@ def run(ctx: typer.Context,
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Print the summary of a run (finished, interrupted or dead)."""
+    from .report import render_text, summarize
+
     if not (run_dir / "run.json").exists():
         typer.echo(f"oomguard: error: {run_dir}: no run.json; pass a run directory", err=True)
         raise typer.Exit(int(ExitCode.USAGE))
-    _print_summary(run_dir)
+    try:
+        text = render_text(summarize(run_dir))
+    except OomguardError as exc:
+        _fail(exc)
+    typer.echo("\n" + text, err=True)
 
 
 @app.command(context_settings=PASSTHROUGH)

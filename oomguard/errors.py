@@ -14,6 +14,7 @@ class ExitCode(enum.IntEnum):
     GAVE_UP = 3  # the ladder or a budget is spent; the root cause is in the summary
     NO_PROGRESS = 4  # no new optimizer step across the budgeted attempts: do not requeue
     CHILD_FAILED = 5  # the child failed in a way no rung can help (e.g. a bug in the script)
+    RUN_DIR_FAILED = 6  # the run dir stopped taking writes mid-run (disk full, read-only): free it, continue
     INTERRUPTED = 130  # SIGINT/SIGTERM to the supervisor; `oomguard run --run-dir D` resumes
 
 

@@ -213,12 +213,18 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "ki": 2**10,
                "t": 1000**4, "tb": 1000**4, "tib": 2**40, "ti": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'24GiB' -> bytes. 'G' alone is taken as GiB (as nvidia-smi users mean it)."""
+def parse_size(text: str, *, require_unit: bool = False) -> int:
+    """'24GiB' -> bytes. 'G' alone is taken as GiB (as nvidia-smi users mean it).
+
+    ``require_unit``: a bare number is refused (the CLI's ``--vram-limit 24`` meant 24 GiB, not
+    24 bytes); the child side keeps accepting what the supervisor already checked."""
     m = _SIZE_RE.match(text or "")
     if not m:
         raise ValueError(f"cannot read {text!r} as a size; write it like 24GiB, 16GB or 15.5GiB")
     number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if require_unit and not unit:
+        raise ValueError(f"size {text!r} has no unit (it would be read as {text.strip()} bytes); "
+                         f"write it with one, like {text.strip()}GiB or {text.strip()}GB")
     if unit in ("g", "m", "k", "t"):
         unit += "ib"
     value = int(number * _SIZE_UNITS[unit])
@@ -257,9 +263,75 @@ def parse_inject(spec: str) -> list[Fault]:
             key, eq, val = arg.partition("=")
             if not eq or key not in ("step", "rank", "attempt") or not val.strip().isdigit():
                 raise ValueError(f"bad fault argument {arg!r} in {part!r}; use step=N, rank=R or attempt=A")
+            if key in kw:  # "step=3,step=4" would silently keep the last one
+                raise ValueError(f"duplicate fault argument {key!r} in {part!r}; give each of step, rank, "
+                                 "attempt at most once (two faults: separate them with ';')")
             kw[key] = int(val)
         faults.append(Fault(kind=kind, **kw))
     return faults
+
+
+# --- secrets in command lines (never written into the run dir) -----------------------
+SECRET_MASK = "***"
+_SECRET_WORDS = ("token", "key", "secret", "password", "passwd")
+_ENV_ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
+_MIN_SCRUB = 6  # chars: a shorter secret value is masked in argv only (scrubbing "1" everywhere ruins the journal)
+
+
+def is_secret_name(name: str) -> bool:
+    """``hub_token``, ``api-key``, ``HF_TOKEN``, ``db.password``: a word of the name ends in a secret
+    word. Word-wise so that ``--tokenizer_name`` or ``--max_tokens`` are not taken for secrets."""
+    words = re.split(r"[-_.]+", name.lower())
+    return any(w.endswith(_SECRET_WORDS) for w in words if w)
+
+
+def _secret_slots(argv: list[str]) -> dict[int, str]:
+    """index -> the redacted form of that argument (``--x ***``'s value, ``--x=***``, ``X_KEY=***``)."""
+    slots: dict[int, str] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") and is_secret_name(arg.lstrip("-").partition("=")[0]):
+            name, eq, _ = arg.partition("=")
+            if eq:
+                slots[i] = f"{name}={SECRET_MASK}"
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                slots[i + 1] = SECRET_MASK  # "--hub_token VALUE"; a bare switch before a flag has no value
+        elif (m := _ENV_ASSIGN.match(arg)) and is_secret_name(m.group(1)):
+            slots[i] = f"{m.group(1)}={SECRET_MASK}"
+    return slots
+
+
+def redact_argv(argv: Any) -> list[str]:
+    """``argv`` with every secret value replaced by ``***`` (for files, never for what runs)."""
+    argv = [str(a) for a in argv]
+    slots = _secret_slots(argv)
+    return [slots.get(i, a) for i, a in enumerate(argv)]
+
+
+def secret_values(argv: Any) -> list[str]:
+    """The secret values ``argv`` holds (long enough to be scrubbed out of any text)."""
+    argv = [str(a) for a in argv]
+    values = []
+    for i, redacted in _secret_slots(argv).items():
+        value = argv[i][len(redacted) - len(SECRET_MASK):] if redacted != SECRET_MASK else argv[i]
+        if len(value) >= _MIN_SCRUB and value != SECRET_MASK:
+            values.append(value)
+    return values
+
+
+def redact(obj: Any, secrets: list[str] = ()) -> Any:  # type: ignore[assignment]
+    """A copy of a JSON-shaped ``obj`` fit for the run dir: every all-string list is redacted as an
+    argv, and each of ``secrets`` is replaced by ``***`` inside every string (a traceback, a reason)."""
+    if isinstance(obj, str):
+        for value in secrets:
+            obj = obj.replace(value, SECRET_MASK)
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if obj and all(isinstance(x, str) for x in obj):
+            return [redact(x, secrets) for x in redact_argv(obj)]
+        return [redact(x, secrets) for x in obj]
+    return obj
 
 
 # One list of the messages that mean "the GPU ran out of memory" (DESIGN §4).

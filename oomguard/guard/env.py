@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from oomguard import protocol
 from oomguard.protocol import Fault
@@ -59,6 +59,39 @@ class GuardEnv:
             world_size=_int(environ, "WORLD_SIZE", default=1, minimum=1),
             observe=tuple(n.strip() for n in environ.get(protocol.ENV_OBSERVE, "").split(",") if n.strip()),
         )
+
+
+def faults_armed(environ: Mapping[str, str], alive: Callable[[int], bool] | None = None) -> str | None:
+    """None when ``OOMGUARD_INJECT``'s faults may fire here, else why not (defect 18). Pure but for
+    ``alive`` (default: signal 0 to the pid).
+
+    Faults fire only under a supervisor that asked for them: a run dir must be set, and a
+    supervisor pid, when given, must be alive. A stray ``OOMGUARD_INJECT`` left in a shell, or an
+    orphan whose supervisor died, trains normally. No pid with a run dir is a test harness acting
+    as the supervisor (it writes the run dir itself), so it may inject.
+    """
+    if not environ.get(protocol.ENV_INJECT, "").strip():
+        return None
+    if not _text(environ, protocol.ENV_RUN_DIR):
+        return f"{protocol.ENV_RUN_DIR} is unset: no oomguard supervisor runs this process"
+    raw = _text(environ, protocol.ENV_SUPERVISOR_PID)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) <= 0:
+        return f"{protocol.ENV_SUPERVISOR_PID}={raw!r} is not a process id"
+    if not (alive or _pid_alive)(int(raw)):
+        return f"the supervisor (pid {raw}) that set it is gone"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:

@@ -1,5 +1,6 @@
 """FaultInjectionCallback: real failures on demand (``OOMGUARD_INJECT``), each once per run.
 
+Faults are armed only under a live supervisor that asked for them (``env.faults_armed``).
 Fired faults are remembered in ``<run_dir>/injected.json`` (rank k: ``injected.rank<k>.json``)
 *before* they fire, so a resumed attempt — or a fault that kills the process — never repeats.
 """
@@ -9,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from transformers import TrainerCallback
 
 from oomguard import protocol
+from oomguard.guard.env import faults_armed
 from oomguard.guard.journal import Journal
 from oomguard.protocol import Fault
 
@@ -63,6 +66,16 @@ def due_faults(faults: Iterable[Fault], ledger: FaultLedger, *, kind: str, rank:
     return out
 
 
+def armed_faults(faults: tuple[Fault, ...], environ: Mapping[str, str]) -> tuple[Fault, ...]:
+    """``faults`` when a live supervisor asked for them (``faults_armed``), else none, said once on stderr."""
+    why = faults_armed(environ) if faults else None
+    if why is None:
+        return faults
+    print(f"oomguard guard: ignoring {protocol.ENV_INJECT}={environ.get(protocol.ENV_INJECT)!r}: {why}; "
+          "faults fire only under `oomguard run --inject` (unset the variable to silence this)", file=sys.stderr)
+    return ()
+
+
 def injected_oom(where: str) -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError(
         f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by oomguard: {where}). "
@@ -76,8 +89,8 @@ class FaultInjectionCallback(TrainerCallback):
     STEP_KINDS = ("crash", "hang", "host_oom")
 
     def __init__(self, faults: Iterable[Fault], run_dir: str | Path | None = None, *, rank: int = 0,
-                 attempt: int = 1):
-        self.faults = tuple(faults)
+                 attempt: int = 1, environ: Mapping[str, str] | None = None):
+        self.faults = armed_faults(tuple(faults), os.environ if environ is None else environ)
         self.journal = Journal(run_dir, rank)
         self.ledger = FaultLedger(self.journal.rank_file(INJECTED_JSON))
         self.rank, self.attempt = rank, attempt

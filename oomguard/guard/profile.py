@@ -33,6 +33,11 @@ def sample_indices(n: int, limit: int = MAX_ROWS) -> list[int]:
     return sorted(random.Random(0).sample(range(n), limit))
 
 
+def is_packed(dataset: Any) -> bool:
+    """TRL's packed rows carry ``seq_lengths``: each row is max_length long, whatever its samples."""
+    return "seq_lengths" in (getattr(dataset, "column_names", None) or ())
+
+
 def dataset_lengths(dataset: Any, limit: int = MAX_ROWS) -> tuple[list[int], int] | None:
     """(input_ids lengths of up to ``limit`` rows, row count), or None when it has no length/ids."""
     try:
@@ -74,5 +79,5 @@ class DataProfileCallback(TrainerCallback):
         if found is None:
             return
         lengths, n = found
-        self.profile = length_profile(lengths, count=n)
+        self.profile = {**length_profile(lengths, count=n), "packed": is_packed(dataset)}
         self.journal.emit("data_profile", step=state.global_step, **self.profile)

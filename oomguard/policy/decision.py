@@ -12,7 +12,7 @@ from pathlib import PurePath
 from typing import Any, Callable, Mapping, Sequence
 
 from oomguard.knobs import needs
-from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind
+from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind, Phase
 from oomguard.policy.ladder import (apply_rung, effective_batch, ladder_chain, lr_adjustment,
                                     truncation_share)
 from oomguard.policy.narrative import (describe_cause, describe_changes, describe_checkpoint,
@@ -195,6 +195,8 @@ def _on_crash(ctx: _Context) -> Decision:
         return _give_up(ctx, GiveUpReason.UNRECOVERABLE,
                         "the command's own argument parser rejected it before training started; no retry can "
                         "change that (fix the command line or its config file and rerun)")
+    if ctx.failure.phase is Phase.CHECKPOINT_LOAD and ctx.attempts[-1].resumed_step is not None:
+        return _on_load_failure(ctx)
     streak = _crash_streak(ctx.attempts)
     limits = ctx.policy.limits
     if len(streak) >= 2 and _same_crash(streak[-1], streak[-2]):
@@ -210,6 +212,19 @@ def _on_crash(ctx: _Context) -> Decision:
     pick = _pick_rung(ctx, ladder_chain(ctx.policy, FailureKind.CRASH))
     note = f"crash retry {len(streak)} of {limits.crash_retries} after {backoff:g} s"
     return _retry(ctx, pick, _newest(ctx.checkpoints), note=note, backoff_s=backoff)
+
+
+def _on_load_failure(ctx: _Context) -> Decision:
+    """The child crashed loading the checkpoint it resumed from (defect 8): that checkpoint is bad
+    in a way no scan saw, and resuming from it again would crash again. Same knobs, the next older
+    checkpoint (from scratch when none is left); no rung (no knob breaks a file) and no backoff.
+    Bounded by max_attempts and the no-progress budget like every retry."""
+    failed = ctx.attempts[-1].resumed_step
+    older = [c for c in ctx.checkpoints if c.step < failed]
+    ckpt = _newest(older)
+    note = (f"checkpoint-{failed} failed to load, so it is set aside and the run resumes from the next "
+            "older complete checkpoint" + ("" if ckpt else ": none is left, starting from scratch"))
+    return _retry(ctx, None, ckpt, note=note)
 
 
 _HANDLERS: dict[FailureKind, Callable[[_Context], Decision]] = {

@@ -72,8 +72,10 @@ def apply_rung(rung: Rung, knobs: Mapping[str, Any],
 
 def _saves_nothing(knob: str, value: Any, profile: DataProfile | None) -> bool:
     """A length at or above the longest row cuts nothing (rows are padded to the longest in the
-    batch, not to max_seq_length): such a rung would spend an attempt for nothing."""
-    return knob == KNOB_MAX_SEQ_LENGTH and profile is not None and value >= profile.max_len
+    batch, not to max_seq_length): such a rung would spend an attempt for nothing. Packed rows are
+    max_seq_length long whatever their samples, so there a shorter length always saves."""
+    return (knob == KNOB_MAX_SEQ_LENGTH and profile is not None and not profile.packed
+            and value >= profile.max_len)
 
 
 def _next_value(rung: Rung, current: Any, profile: DataProfile | None) -> Any:

@@ -6,7 +6,9 @@ read it as text) and (b) reports duplicate keys instead of keeping the last one.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -87,11 +89,7 @@ def _sections(policy: Policy | None, data: dict[str, Any]) -> Sections:
 def load_policy(path: str | Path) -> Policy:
     """Read and validate one policy file."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise PolicyError([f"{source}: (file): cannot read it: {e.strerror} "
-                           f"(give a shipped name or an existing .yaml file)"]) from e
+    text = _read_policy_text(Path(path), source)
     loader = _Loader(text)
     try:
         data = loader.get_single_data()
@@ -109,6 +107,33 @@ def load_policy(path: str | Path) -> Policy:
     return policy
 
 
+MAX_POLICY_BYTES = 1 << 20  # a policy is a page of YAML; anything bigger is the wrong file
+
+
+def _read_policy_text(path: Path, source: str) -> str:
+    """The file's text; PolicyError for a non-regular file (``/dev/zero``, a FIFO: reading would
+    never end), an oversized one, or bytes that are not UTF-8."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or special file"
+            raise PolicyError([f"{source}: (file): is a {kind}, not a regular file "
+                               "(give a shipped name or a .yaml file)"])
+        with open(path, "rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise PolicyError([f"{source}: (file): cannot read it: {e.strerror} "
+                           f"(give a shipped name or an existing .yaml file)"]) from e
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError([f"{source}: (file): larger than {MAX_POLICY_BYTES} bytes, not a policy "
+                           "(give a shipped name or a policy .yaml file)"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError([f"{source}: (file): not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                           "save the file as UTF-8"]) from None
+
+
 def shipped_policy_paths() -> dict[str, Path]:
     """Shipped policy name -> file (the name is the file stem)."""
     folder = Path(str(resources.files("oomguard") / "policies"))
@@ -118,6 +143,9 @@ def shipped_policy_paths() -> dict[str, Path]:
 def load_policy_arg(name_or_path: str) -> Policy:
     """A shipped name (``h100-80gb``) or a path to a policy file."""
     shipped = shipped_policy_paths()
+    if not name_or_path.strip():
+        raise PolicyError([f"{name_or_path!r}: (name): empty policy name (expected one of: "
+                           f"{', '.join(shipped)} or a .yaml path)"])
     if name_or_path in shipped:
         return load_policy(shipped[name_or_path])
     path = Path(name_or_path)

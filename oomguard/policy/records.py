@@ -92,6 +92,7 @@ class DataProfile:
     count: int
     quantiles: tuple[tuple[float, int], ...]
     max_len: int
+    packed: bool = False  # lengths of samples packed into max_length rows (a shorter length still saves)
 
     def __post_init__(self) -> None:
         qs = [q for q, _ in self.quantiles]

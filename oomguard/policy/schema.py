@@ -157,6 +157,9 @@ class Limits(_Strict):
     no_progress_attempts: Annotated[StrictInt, Field(ge=1)] = 3
     wall_clock_budget_s: Annotated[Number, Field(gt=0)] | None = None  # None = no budget
     hang_timeout_s: Annotated[Number, Field(gt=0)] = 600
+    # s to an attempt's first heartbeat (imports, model load, dataset map, rendezvous, checkpoint
+    # load: minutes on an 8B); None: hang_timeout_s. A hang before the first step is a hang too.
+    startup_timeout_s: Annotated[Number, Field(gt=0)] | None = None
     crash_retries: Annotated[StrictInt, Field(ge=0)] = 2
     resume_oom_retries: Annotated[StrictInt, Field(ge=0)] = 2
     backoff: Backoff = Field(default_factory=Backoff)

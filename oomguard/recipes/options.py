@@ -2,7 +2,8 @@
 
 Precedence (highest first): ``OOMGUARD_KNOBS`` (JSON; DESIGN §3 knob names, or any
 other option name below), ``OOMGUARD_CHECKPOINT_DIR`` (for ``--output_dir``),
-``OOMGUARD_RESUME_FROM`` (for ``--resume_from_checkpoint``), then the flags.
+``OOMGUARD_RESUME_FROM`` (for ``--resume_from_checkpoint``; empty on attempt 1 leaves the flag
+alone), then the flags.
 """
 
 from __future__ import annotations
@@ -133,11 +134,24 @@ def apply_environment(options: RecipeOptions, environ: Mapping[str, str]) -> Rec
     elif options.output_dir is None:
         run_dir = environ.get(protocol.ENV_RUN_DIR, "").strip()
         changes["output_dir"] = os.path.join(run_dir, "checkpoints") if run_dir else DEFAULT_OUTPUT_DIR
-    if protocol.ENV_RESUME_FROM in environ:  # "" means a fresh start, by the supervisor's choice
+    if _supervisor_chose_resume(environ):
         changes["resume_from_checkpoint"] = environ[protocol.ENV_RESUME_FROM] or None
     if changes.get("precision") not in (None, *protocol.PRECISIONS):
         raise UsageError(f"precision {changes['precision']!r} is not one of {protocol.PRECISIONS}; fix the knob")
     return dataclasses.replace(options, **changes)
+
+
+def _supervisor_chose_resume(environ: Mapping[str, str]) -> bool:
+    """Whether ``OOMGUARD_RESUME_FROM`` is a choice that overrides ``--resume_from_checkpoint``.
+
+    A path always is. ``""`` means "start fresh" only on a later attempt: on attempt 1 the
+    supervisor has chosen nothing yet and the user's own flag stands (defect 4: an empty value
+    there trained from scratch over the user's checkpoints). Without ``OOMGUARD_ATTEMPT`` (set by
+    hand, not by the supervisor) ``""`` keeps its old meaning, a fresh start.
+    """
+    if protocol.ENV_RESUME_FROM not in environ:
+        return False
+    return bool(environ[protocol.ENV_RESUME_FROM]) or environ.get(protocol.ENV_ATTEMPT, "").strip() != "1"
 
 
 def _knobs_from(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -7,12 +7,13 @@ Built from ``run.json`` and ``events.jsonl`` only, so ``oomguard report DIR`` on
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ..knobs import CORE, effective_batch
+from ..errors import RunDirError
 from ..protocol import EVENTS_JSONL, RUN_JSON, read_jsonl
+from ..supervisor.journal import event_problem, read_run_json, record_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class RunSummary:
     requested_source: str = "command"
     checks: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> the latest verdict on its change
     not_applied: tuple[str, ...] = ()  # one line per change the child did not show
+    problems: tuple[str, ...] = ()  # what is wrong with the run's files (skipped journal lines, a bad decision)
 
 
 def _step_of(path: str | None) -> int | None:
@@ -78,31 +80,63 @@ def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recov
         resumed = nxt.get("resumed_from") if nxt else d.get("resume_from")
         ck = _step_of(resumed)
         redone = (f["step"] - ck) if isinstance(f.get("step"), int) and ck is not None else None
-        out.append(Recovery(attempt=a["n"], kind=f["kind"], step=f.get("step"), phase=f.get("phase", "unknown"),
+        out.append(Recovery(attempt=a["n"], kind=f.get("kind", "?"), step=f.get("step"), phase=f.get("phase", "unknown"),
                             reason=d.get("reason", ""), resumed_from=resumed, steps_redone=redone,
                             seconds_to_next_step=_first_step_after(events, a.get("ended") or 0)))
     return out
 
 
+def _read_run(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """run.json and its non-fatal problems; RunDirError (exit 2) when no summary can be made of it."""
+    path = run_dir / RUN_JSON
+    run = read_run_json(path)
+    problems = record_problems(run)
+    fatal = [f"{path}: {where}: {what}" for where, what, is_fatal in problems if is_fatal]
+    if fatal:
+        raise RunDirError("\n".join(fatal) + "\nfix run.json by hand or move the run dir aside; "
+                          "no summary can be made from it")
+    return run, [f"{path}: {where}: {what}" for where, what, _ in problems]
+
+
+def _read_events(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The usable journal lines, and one line naming each skipped one (a line of wrong types)."""
+    events, problems = [], []
+    for n, e in enumerate(read_jsonl(run_dir / EVENTS_JSONL), 1):
+        why = event_problem(e)
+        if why is None:
+            events.append(e)
+        else:
+            problems.append(f"{run_dir / EVENTS_JSONL}: event {n} ({str(e.get('event'))[:40]}) skipped: {why}")
+    if len(problems) > MAX_PROBLEM_LINES:  # a garbled journal must not bury the summary
+        problems = problems[:MAX_PROBLEM_LINES] + [f"{run_dir / EVENTS_JSONL}: {len(problems) - MAX_PROBLEM_LINES} "
+                                                   "more line(s) skipped for wrong types"]
+    return events, problems
+
+
+MAX_PROBLEM_LINES = 10
+
+
 def summarize(run_dir: str | Path) -> RunSummary:
     run_dir = Path(run_dir)
-    run = json.loads((run_dir / RUN_JSON).read_text())
-    events = list(read_jsonl(run_dir / EVENTS_JSONL))
-    steps = [a.get("max_step") for a in run.get("attempts", []) if isinstance(a.get("max_step"), int)]
+    run, problems = _read_run(run_dir)
+    events, skipped_lines = _read_events(run_dir)
+    attempts = run.get("attempts", [])
+    steps = [a.get("max_step") for a in attempts if isinstance(a.get("max_step"), int)]
     end = run.get("ended") or run.get("updated") or run.get("started", 0)
-    first_failure = next((a["failure"] for a in run.get("attempts", []) if a.get("failure")), None)
+    first_failure = next((a["failure"] for a in attempts if a.get("failure")), None)
     root = run.get("root_cause") or _failure_text(first_failure, run.get("world_size", 1))
-    skipped = tuple(sorted({e["path"] for e in events if e.get("event") == "checkpoint_skipped"}))
-    checks = {k: v for a in run.get("attempts", []) for k, v in (a.get("verified") or {}).items()}
+    skipped = tuple(sorted({str(e["path"]) for e in events
+                            if e.get("event") == "checkpoint_skipped" and e.get("path")}))
+    checks = {k: v for a in attempts for k, v in (a.get("verified") or {}).items()}
     missed = tuple(dict.fromkeys(
-        f"{e['knob']} → {e.get('expected')} (attempt {e.get('attempt')}): {e.get('why')}"
+        f"{e.get('knob')} → {e.get('expected')} (attempt {e.get('attempt')}): {e.get('why')}"
         for e in events if e.get("event") == "change_not_applied"))
-    return RunSummary(status=run["status"], exit_code=run.get("exit_code"), attempts=len(run.get("attempts", [])),
+    return RunSummary(status=run["status"], exit_code=run.get("exit_code"), attempts=len(attempts),
                       wall_s=end - run.get("started", end), root_cause=root, requested=run.get("requested", {}),
                       final=run.get("config", {}), world_size=run.get("world_size", 1),
                       recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
                       skipped_checkpoints=skipped, requested_source=run.get("requested_source", "command"),
-                      checks=checks, not_applied=missed)
+                      checks=checks, not_applied=missed, problems=tuple(problems + skipped_lines))
 
 
 def _knob_lines(s: RunSummary) -> list[str]:
@@ -148,6 +182,8 @@ def render_text(s: RunSummary) -> str:
         lines.append(f"  skipped incomplete checkpoint (kept on disk): {path}")
     for line in s.not_applied:
         lines.append(f"  change not applied: {line}")
+    for line in s.problems:
+        lines.append(f"  problem: {line}")
     source = "as the child ran it" if s.requested_source == "observed" else "from the command's flags only"
     lines.append(f"requested ({source}) → final:")
     lines += _knob_lines(s)

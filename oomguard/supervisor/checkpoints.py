@@ -4,7 +4,8 @@ HF writes a checkpoint file by file, ``trainer_state.json`` last, nothing atomic
 ``get_last_checkpoint`` validates nothing (DESIGN §7): a kill mid-save leaves a directory
 that looks like a checkpoint. We check it before trusting it: the expected files present,
 ``trainer_state.json`` parses and names the same step, safetensors headers read and the
-file is as long as they say, torch's zip files (``optimizer.pt`` …) end in a central directory.
+file is as long as they say, torch's zip files (``optimizer.pt`` …) end in a central directory and
+every member matches its CRC.
 
 Checkpoints written after a NaN are quarantined: moved to ``<checkpoints>/quarantine/``
 (out of reach of a resume and of HF's ``save_total_limit`` rotation), named in the journal.
@@ -19,6 +20,7 @@ import json
 import re
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,9 +71,14 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def torch_file_problem(path: Path) -> str | None:
-    """None unless ``path`` starts as a zip (torch.save) but has no central directory: cut short.
+    """None unless ``path`` starts as a zip (torch.save) but is cut short or damaged inside.
 
-    A legacy (pickle) torch file is not a zip and is passed: we cannot check it cheaply.
+    The end-of-central-directory check catches a cut; the CRC of every member
+    (``ZipFile.testzip``) catches bytes damaged inside with the end record intact, which would
+    otherwise pass here and crash the resume. Measured: 0.04 s for a 100 MB file from the page
+    cache (~2.5 GB/s; a cold disk is read-bound), and each file is checked once per size and
+    mtime (``_MEMBER_CHECKS``), so rescans cost nothing. A legacy (pickle) torch file is not a
+    zip and is passed: we cannot check it cheaply.
     """
     try:
         with path.open("rb") as f:
@@ -79,9 +86,27 @@ def torch_file_problem(path: Path) -> str | None:
                 return None
         if not zipfile.is_zipfile(path):  # reads only the end-of-central-directory record
             return f"{path.name} is truncated ({path.stat().st_size} bytes, no zip central directory)"
+        return _member_problem(path)
     except OSError as exc:
         return f"{path.name} unreadable: {exc}"
-    return None
+
+
+_MEMBER_CHECKS: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> problem
+
+
+def _member_problem(path: Path) -> str | None:
+    """The first zip member whose CRC does not match (or an unreadable archive), else None. Cached."""
+    st = path.stat()
+    key = (str(path.absolute()), st.st_size, st.st_mtime_ns)
+    if key not in _MEMBER_CHECKS:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            problem = None if bad is None else f"{path.name} is corrupt inside: member {bad} fails its CRC check"
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+            problem = f"{path.name} is a damaged zip archive ({type(exc).__name__}: {exc})"
+        _MEMBER_CHECKS[key] = problem
+    return _MEMBER_CHECKS[key]
 
 
 def _file_problems(path: Path, weights: list[Path]) -> list[str]:
@@ -145,11 +170,15 @@ class Quarantined:
     moved_to: Path
 
 
-def quarantine_after(directory: str | Path | None, last_good_step: int) -> list[Quarantined]:
-    """Move every ``checkpoint-N`` with N > ``last_good_step`` to ``<directory>/quarantine/``. Never deletes."""
+def quarantine_after(directory: str | Path | None, last_good_step: int,
+                     own: Callable[[CheckpointScan], bool] | None = None) -> list[Quarantined]:
+    """Move every ``checkpoint-N`` with N > ``last_good_step`` to ``<directory>/quarantine/``. Never deletes.
+
+    ``own``: which checkpoints this run wrote; another run's are left where they are (not ours to move).
+    """
     moved = []
     for scan in scan_checkpoints(directory):
-        if scan.step <= last_good_step:
+        if scan.step <= last_good_step or (own is not None and not own(scan)):
             continue
         target = _quarantine_target(Path(directory), scan.path.name)  # type: ignore[arg-type]
         scan.path.rename(target)
@@ -174,13 +203,35 @@ def move_aside_incomplete(scan: CheckpointScan, attempt: int) -> Path:
     ``attempt`` is the last attempt that ran before the checkpoint was found incomplete.
     Raises OSError when the move fails (the caller journals it).
     """
-    target = _quarantine_target(scan.path.parent, f"{scan.path.name}.incomplete-{attempt}")
-    scan.path.rename(target)
+    return move_aside(scan.path, f"incomplete-{attempt}")
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Move checkpoint ``path`` to ``quarantine/<name>.<why>`` (a free name). Never deletes; OSError on failure."""
+    target = _quarantine_target(path.parent, f"{path.name}.{why}")
+    path.rename(target)
     return target
 
 
+# A filesystem stamps mtimes from a coarse clock (one kernel tick, ~4-10 ms, behind time.time()):
+# a file written right after the run started may read as written just before it.
+MTIME_SLACK_S = 0.05
+
+
+def written_since(scan: CheckpointScan, since: float) -> bool:
+    """True when the checkpoint's ``trainer_state.json`` (HF writes it last) is no older than ``since``."""
+    try:
+        return (scan.path / CKPT_TRAINER_STATE).stat().st_mtime >= since - MTIME_SLACK_S
+    except OSError:  # no trainer_state.json: an interrupted save; its folder's mtime says when
+        try:
+            return scan.path.stat().st_mtime >= since - MTIME_SLACK_S
+        except OSError:
+            return False
+
+
 def quarantine_after_nan(directory: str | Path | None, error_file: Path, failed_step: int | None,
-                         emit: Callable[..., Any]) -> list[Quarantined]:
+                         emit: Callable[..., Any], own: Callable[[CheckpointScan], bool] | None = None
+                         ) -> list[Quarantined]:
     """After a nan_loss attempt: quarantine checkpoints newer than the last finite step, one event each.
 
     The last finite step is the lowest any rank recorded (``last_finite_step``), else the
@@ -190,7 +241,7 @@ def quarantine_after_nan(directory: str | Path | None, error_file: Path, failed_
     last_good = min(finite) if finite else failed_step
     if last_good is None:
         return []
-    moved = quarantine_after(directory, last_good)
+    moved = quarantine_after(directory, last_good, own)
     for q in moved:
         emit("checkpoint_quarantined", step=q.step, path=str(q.path), moved_to=str(q.moved_to),
              last_finite_step=last_good,

@@ -4,7 +4,8 @@ Evidence in order of trust (DESIGN §4): the child's own error record (root caus
 earliest rank's that is not a peer-lost symptom, ``ranks.root_record``; it wins even over
 our hang kill), our own hang kill, a SIGKILL while host memory was near full (of the child,
 or of the worker a launcher names as its first failure), an OOM message in stderr, a
-peer-lost record, then anything else is a crash. A crash that is a full disk (or a file
+peer-lost record, then anything else is a crash. An OOM line in stderr counts only when the
+last exception the child printed is that OOM (``final_oom``): a caught one earlier does not. A crash that is a full disk (or a file
 size or quota limit) says so first: no rung helps, freeing space does.
 """
 
@@ -53,6 +54,43 @@ def _disk_full(failure: Failure, evidence: str) -> Failure:
     return dataclasses.replace(failure, detail=(
         f"{DISK_FULL_PREFIX}{during}: {line[:300]} — free space on the checkpoint filesystem (or raise the "
         "quota / file-size limit), then rerun `oomguard run --run-dir DIR`"))
+
+
+TRACEBACK_HEADER = "Traceback (most recent call last):"
+
+
+def final_exception(text: str) -> tuple[int, str] | None:
+    """(line index, text) of the exception line that ends the LAST traceback in ``text``, or None.
+
+    Python prints the frames indented under the header, then the exception at column 0; in a
+    chain ("During handling of the above exception…") the last traceback is the one that killed it.
+    """
+    lines = text.splitlines()
+    headers = [i for i, ln in enumerate(lines) if ln.strip() == TRACEBACK_HEADER]
+    if not headers:
+        return None
+    for i in range(headers[-1] + 1, len(lines)):
+        if lines[i].strip() and not lines[i][0].isspace():
+            return i, lines[i].strip()
+    return None  # the tail ends inside the frames: cut off before the exception line
+
+
+def final_oom(text: str) -> str | None:
+    """The OOM line that ended the child, or None (defect 9).
+
+    A caught, harmless "CUDA out of memory" earlier in the tail must not outrank the exception that
+    really ended the process: with a traceback, it is an OOM only when the last traceback's own
+    exception line is one, or an OOM line comes after that traceback (bitsandbytes' native
+    ``Error out of memory at line N`` is printed, then C ``exit(1)``: no traceback of its own).
+    Without a traceback, the first OOM line is the evidence (as before).
+    """
+    last = final_exception(text)
+    if last is None:
+        return find_oom(text)
+    index, line = last
+    if find_oom(line):
+        return line
+    return find_oom("\n".join(text.splitlines()[index + 1:]))
 
 
 _USAGE_RE = re.compile(r"^\s*usage:\s", re.IGNORECASE | re.MULTILINE)
@@ -117,7 +155,7 @@ def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_
         return Failure(kind=FailureKind.HOST_OOM, step=last_step, rank=rank, detail=(
             f"SIGKILL while host memory was {outcome.host_mem_peak_percent:.0f}% used "
             f"(threshold {host_oom_percent:.0f}%): the kernel's OOM killer, most likely"))
-    oom_line = find_oom(outcome.stderr_tail)
+    oom_line = final_oom(outcome.stderr_tail)
     if oom_line:
         return Failure(kind=FailureKind.CUDA_OOM, step=last_step, rank=rank, detail=oom_line[:500])
     if root is not None:  # only a peer-lost symptom was recorded: still the best words we have

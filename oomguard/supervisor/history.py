@@ -31,7 +31,7 @@ def data_profile(events: Iterable[dict[str, Any]]) -> DataProfile | None:
         return None
     e = found[-1]
     return DataProfile(count=int(e["count"]), quantiles=tuple((float(q), int(v)) for q, v in e["quantiles"]),
-                       max_len=int(e["max_len"]))
+                       max_len=int(e["max_len"]), packed=bool(e.get("packed")))
 
 
 def memory_growth(events: Iterable[dict[str, Any]], since: float) -> float | None:

@@ -15,27 +15,26 @@ from typing import Any
 import psutil
 
 from ..errors import ExitCode
-from ..policy import (CheckpointInfo, Decision, Failure, GiveUpReason, RungRef,
-                      decide, effective_batch)
 from ..knobs import REGISTRY
-from ..protocol import (CKPT_TRAINER_STATE, ENV_ATTEMPT, ENV_OBSERVE, EVENT_CHANGE_NOT_APPLIED, EVENT_CHANGE_VERIFIED, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
-                        ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
-                        KNOBS_JSON, POLICY_COPY, FailureKind, RunStatus, atomic_write_json,
-                        read_error_records)
-from .checkpoints import CheckpointScan, move_aside_incomplete, quarantine_after_nan, scan_checkpoints
+from ..policy import CheckpointInfo, Decision, Failure, GiveUpReason, RungRef, decide, effective_batch
+from ..protocol import (CKPT_TRAINER_STATE, ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
+                        ENV_OBSERVE, ENV_RESUME_FROM, ENV_RUN_DIR, ENV_SUPERVISOR_PID, ENV_VRAM_LIMIT, ERROR_JSON,
+                        KNOBS_JSON, POLICY_COPY, STDERR_LOG, FailureKind, Phase, RunStatus, atomic_write_json,
+                        find_oom, read_error_records)
+from .checkpoints import checkpoint_step, quarantine_after_nan, scan_checkpoints
 from .classify import classify
 from .command import build_command
 from .gpu import wait_gpu_released
-from .checkpoints import checkpoint_step
-from .command import flags_in_command, placeholders_in
 from .history import attempt_views, data_profile, decision_dict, failure_dict, memory_growth
 from .journal import AttemptRecord, Journal, RunLock, RunRecord, load_record
-from .observation import NOT_APPLIED, VERIFIED, Observation, capabilities, observation_of, verify
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
-from .process import ChildOutcome, StopFlag, Watch, process_started, reap_orphan, run_child
+from .process import (TAIL_BYTES, TAIL_LINES, ChildOutcome, StopFlag, Watch, process_started, reap_orphan,
+                      run_child)
 from .progress import ProgressTail, completed_step
 from .ranks import rank_records, root_cause_text
-from .spec import RunSpec, policy_knobs
+from .recipe import observe_attempt
+from .resume_point import checkpoint_dir, move_aside_unloadable, own_test, resume_point, usable_checkpoints
+from .spec import RunSpec, policy_knobs, say
 from .tree import run_processes, stop_processes
 
 GIVE_UP_EXIT = {GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
@@ -48,13 +47,33 @@ def supervise(spec: RunSpec) -> ExitCode:
     load_record(spec.run_dir)  # a foreign dir is refused before the lock file is written into it
     with RunLock(spec.run_dir):
         journal = _open_journal(spec)
+        from .process import handle_stop_signals, tolerate_gone_output  # here: the module's imports are shared
+
         stop = StopFlag()
-        previous = {s: signal.signal(s, lambda n, _f: stop.set(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return _loop(spec, journal, stop)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        # SIGINT/SIGTERM/SIGHUP stop the run (the child saves); a closed stderr (EPIPE) never ends it
+        with handle_stop_signals(stop), tolerate_gone_output():
+            try:
+                return _loop(spec, journal, stop)
+            except OSError as exc:  # the run dir stopped taking writes (disk full, remounted read-only)
+                return _run_dir_failed(spec, journal, exc)
+
+
+def _run_dir_failed(spec: RunSpec, journal: Journal, exc: OSError) -> ExitCode:
+    """Stop what runs (its guard saves on SIGTERM), record ``failed`` if the disk still lets us,
+    and say how to go on: the child's checkpoints are kept, ``--run-dir`` continues the run."""
+    stop_processes(run_processes(spec.run_dir), _watch(spec, journal).grace_s)
+    cause = (f"the run dir stopped taking writes: {exc} — free space on (or make writable) {spec.run_dir}, "
+             f"then continue with `oomguard run --run-dir {spec.run_dir}`")
+    record = journal.record
+    record.status, record.exit_code, record.ended = RunStatus.FAILED.value, int(ExitCode.RUN_DIR_FAILED), time.time()
+    record.root_cause = cause
+    try:
+        journal.save()
+        journal.event("run_ended", status=record.status, exit_code=record.exit_code, root_cause=cause)
+    except OSError:
+        pass  # the state on disk stays "running": a continuation treats it as a dead supervisor's
+    print(f"[oomguard] {cause}", file=sys.stderr, flush=True)
+    return ExitCode.RUN_DIR_FAILED
 
 
 def _open_journal(spec: RunSpec) -> Journal:
@@ -74,7 +93,7 @@ def _open_journal(spec: RunSpec) -> Journal:
                       knobs=record.requested, world_size=spec.world_size, gpu=record.gpu,
                       policy_orders=record.orders or None)
         if record.orders:
-            _say(spec, f"starting from policy {spec.policy.name}'s knobs (not the command's): "
+            say(spec, f"starting from policy {spec.policy.name}'s knobs (not the command's): "
                  + ", ".join(f"{k}={v}" for k, v in record.orders.items()))
         return journal
     journal = Journal(spec.run_dir, record)
@@ -103,10 +122,45 @@ def _close_abandoned(spec: RunSpec, journal: Journal, attempt: AttemptRecord) ->
     attempt.ended = time.time()
     attempt.interrupted = "supervisor died"
     events = journal.events()
-    _observe(spec, journal, attempt, events)  # where it saved, what it ran: the dead supervisor never read it
-    attempt.max_step = _max_step(journal, events, attempt, [])
+    observe_attempt(spec, journal, attempt, events)  # where it saved, what it ran: the dead supervisor never read it
+    records = read_error_records(journal.attempt_dir(attempt.n) / ERROR_JSON)
+    attempt.max_step = _max_step(journal, events, attempt, records)
+    failure = _abandoned_failure(spec, journal, attempt, records, events)
+    if failure is not None:  # the child had failed on its own: decided on in _continuation
+        attempt.interrupted, attempt.failure = None, failure_dict(failure)
     journal.event("attempt_abandoned", attempt=attempt.n, pid=attempt.pid, max_step=attempt.max_step,
-                  orphan=orphan or "no process of it was left")
+                  orphan=orphan or "no process of it was left", failure=attempt.failure,
+                  root_cause=root_cause_text(attempt.failure, spec.world_size) if attempt.failure else None)
+
+
+def _abandoned_failure(spec: RunSpec, journal: Journal, attempt: AttemptRecord, records: list,
+                       events: list[dict[str, Any]]) -> Failure | None:
+    """How the abandoned attempt's child failed, from what it left (error record, stderr log), or
+    None when nothing says it failed on its own (it was stopped with its supervisor, and saved).
+    Its exit code died with the supervisor: a record or a traceback/OOM line is the evidence."""
+    tail = _log_tail(journal.attempt_dir(attempt.n) / STDERR_LOG)
+    saved_on_stop = any(e.get("event") == "shutdown_saved" and e.get("time", 0) >= attempt.started for e in events)
+    if not records and (saved_on_stop or not ("Traceback (most recent call last)" in tail or find_oom(tail))):
+        return None
+    outcome = ChildOutcome(exit_code=1, signal=None, hung=False, interrupted_by=None, duration_s=0.0,
+                           host_mem_peak_percent=0.0, stderr_tail=tail, pids=frozenset())
+    failure = classify(outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent,
+                       last_step=attempt.max_step)
+    if failure is not None and failure.kind is FailureKind.CUDA_OOM:
+        failure = dataclasses.replace(failure, memory_growth=memory_growth(events, attempt.started))
+    return failure
+
+
+def _log_tail(path: Path) -> str:
+    """The last TAIL_LINES lines of a child's log (what run_child reads back for a live child)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-TAIL_LINES:])
 
 
 def _copy_policy(spec: RunSpec) -> None:
@@ -117,7 +171,9 @@ def _copy_policy(spec: RunSpec) -> None:
 
 def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
     record = journal.record
-    rung, resume = _continuation(spec, journal)
+    rung, resume, given_up = _continuation(spec, journal)
+    if given_up is not None:
+        return _give_up(journal, given_up)
     while True:
         attempt = _start_attempt(spec, journal, rung, resume)
         outcome = run_child(attempt.command, _child_env(spec, journal, attempt), journal.attempt_dir(attempt.n),
@@ -131,10 +187,7 @@ def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
             return _end(journal, RunStatus.SUCCEEDED, ExitCode.SUCCESS)
         decision = _decide(spec, journal, failure)
         if decision.action == "give_up":
-            reason = decision.give_up or GiveUpReason.LADDER_EXHAUSTED
-            status = RunStatus.FAILED if reason == GiveUpReason.UNRECOVERABLE else RunStatus.GAVE_UP
-            return _end(journal, status, GIVE_UP_EXIT.get(reason, ExitCode.GAVE_UP),
-                        give_up=reason.value, root_cause=decision.reason)
+            return _give_up(journal, decision)
         _between_attempts(spec, journal, outcome, decision, stop)
         if stop.is_set:
             return _end(journal, RunStatus.INTERRUPTED, ExitCode.INTERRUPTED,
@@ -144,22 +197,29 @@ def _loop(spec: RunSpec, journal: Journal, stop: StopFlag) -> ExitCode:
         rung, resume = decision.rung, decision.resume_from
 
 
-def _continuation(spec: RunSpec, journal: Journal) -> tuple[RungRef | None, str | None]:
-    """Where a continued run picks up. A retry the previous supervisor decided but did not
-    start (it died, or was stopped, between attempts) is carried out as decided; otherwise
-    the same knobs resume from the newest complete checkpoint."""
+def _continuation(spec: RunSpec, journal: Journal) -> tuple[RungRef | None, str | None, Decision | None]:
+    """Where a continued run picks up. A failure the previous supervisor did not live to decide on
+    is decided now (defect 10); a retry decided but not started (it died, or was stopped, between
+    attempts) is carried out as decided; otherwise the same knobs resume from the newest complete
+    checkpoint. The third value is a give-up decision that ends the run before any attempt."""
     record = journal.record
     if not record.attempts:
-        return None, None
-    decision = record.attempts[-1].decision or {}
-    if decision.get("action") == "retry" and record.attempts[-1].failure:
+        return None, None, None
+    last = record.attempts[-1]
+    if last.failure and last.decision is None:
+        decided = _decide(spec, journal, attempt_views(record)[-1].failure)
+        if decided.action == "give_up":
+            return None, None, decided
+    decision = last.decision or {}
+    if decision.get("action") == "retry" and last.failure:
         record.config = dict(decision["knobs"])
+        record.orders.update({c["knob"]: c["new"] for c in decision.get("changes") or []})  # as _loop does
         rung = decision.get("rung")
         ref = RungRef(ladder=FailureKind(rung["ladder"]), index=rung["index"]) if rung else None
         planned = decision.get("resume_from")
-        usable = {str(c.path) for c in _usable_checkpoints(spec, journal)}
-        return ref, planned if planned in usable else _resume_point(journal, spec, None)
-    return None, _resume_point(journal, spec, None)
+        usable = {str(c.path) for c in usable_checkpoints(journal)}
+        return ref, planned if planned in usable else resume_point(journal), None
+    return None, resume_point(journal), None
 
 
 def _record_pid(journal: Journal, attempt: AttemptRecord, pid: int) -> None:
@@ -182,7 +242,7 @@ def _start_attempt(spec: RunSpec, journal: Journal, rung: RungRef | None, resume
     journal.event("attempt_started", attempt=n, knobs=attempt.knobs, rung=attempt.rung, orders=attempt.orders,
                   resumed_from=resume, command=attempt.command, delivered=attempt.delivered,
                   world_size=spec.world_size, effective_batch=batch, launch=launch_plan(attempt.command).to_dict())
-    _say(spec, f"attempt {n}: " + (" ".join(f"{k}={v}" for k, v in attempt.knobs.items()) or "the command as written")
+    say(spec, f"attempt {n}: " + (" ".join(f"{k}={v}" for k, v in attempt.knobs.items()) or "the command as written")
          + (f" · {spec.world_size} processes, global effective batch {batch}" if spec.world_size > 1 else "")
          + (f" · resuming from {Path(resume).name}" if resume else ""))
     return attempt
@@ -201,11 +261,17 @@ def _child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> dict[
     env.update({
         ENV_RUN_DIR: str(spec.run_dir.absolute()), ENV_ATTEMPT: str(attempt.n),
         ENV_ERROR_FILE: str((journal.attempt_dir(attempt.n) / ERROR_JSON).absolute()),
-        ENV_KNOBS: json.dumps(attempt.orders), ENV_RESUME_FROM: attempt.resumed_from or "",
+        ENV_KNOBS: json.dumps(attempt.orders),
         ENV_VRAM_LIMIT: spec.vram_limit or "", ENV_INJECT: spec.inject or "",
         ENV_SUPERVISOR_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1",
         ENV_OBSERVE: ",".join(k for k in policy_knobs(spec.policy) if k not in REGISTRY),
     })
+    if attempt.n == 1 and not attempt.resumed_from:
+        # no supervisor choice yet: the command's own --resume_from_checkpoint stands (Trust rule 1),
+        # and an empty value would read as "start fresh" and drop it (defect 4)
+        env.pop(ENV_RESUME_FROM, None)
+    else:
+        env[ENV_RESUME_FROM] = attempt.resumed_from or ""  # "": a fresh start, by our choice
     if spec.redirect_checkpoints:  # the user's --checkpoint-dir: the child's output_dir moves there
         env[ENV_CHECKPOINT_DIR] = str(spec.checkpoint_dir)
     else:
@@ -216,14 +282,15 @@ def _child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord) -> dict[
 
 def _watch(spec: RunSpec, journal: Journal) -> Watch:
     limits = spec.policy.limits
-    return Watch(heartbeat_dir=spec.run_dir, hang_timeout_s=limits.hang_timeout_s, echo=spec.echo)
+    return Watch(heartbeat_dir=spec.run_dir, hang_timeout_s=limits.hang_timeout_s, echo=spec.echo,
+                 startup_timeout_s=limits.startup_timeout_s)
 
 
 def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
                     outcome: ChildOutcome) -> Failure | None:
     records = read_error_records(journal.attempt_dir(attempt.n) / ERROR_JSON)
     events = journal.events()  # read once: progress and the bootstrap's outcome both come from it
-    _observe(spec, journal, attempt, events)
+    observe_attempt(spec, journal, attempt, events)
     attempt.max_step = _max_step(journal, events, attempt, records)
     failure = None if outcome.interrupted_by is not None else classify(
         outcome, records, host_oom_percent=spec.policy.limits.host_oom_percent, last_step=attempt.max_step)
@@ -243,57 +310,9 @@ def _finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord,
                   supervisor=_own_footprint())
     if failure is not None:
         on_rank = f" on rank {failure.rank}" if spec.world_size > 1 else ""
-        _say(spec, f"attempt {attempt.n} failed{on_rank}: {failure.kind.value} at step {failure.step} "
+        say(spec, f"attempt {attempt.n} failed{on_rank}: {failure.kind.value} at step {failure.step} "
              f"({failure.phase.value}): {failure.detail}")
     return failure
-
-
-def _observe(spec: RunSpec, journal: Journal, attempt: AttemptRecord, events: list[dict[str, Any]]) -> None:
-    """Take what the child reported it runs (Trust rules 2 and 3): the first report is the run's
-    ``requested``; every report sets the knobs now, where checkpoints go, what a change can reach;
-    each order is checked against it (``change_verified`` / ``change_not_applied``)."""
-    record = journal.record
-    seen = observation_of(events, attempt.n, attempt.started)
-    if seen.seen:
-        attempt.observed = seen.payload()
-        attempt.knobs = {**{k: v for k, v in attempt.knobs.items() if k not in seen.fields}, **seen.knobs}
-        record.config = dict(attempt.knobs)
-        if record.requested_source != "observed":
-            record.requested = {**record.requested, **seen.knobs}
-            record.requested_source = "observed"
-            journal.event("requested_observed", attempt=attempt.n, knobs=record.requested, fields=seen.fields)
-        _checkpoint_dir_from(journal, seen.output_dir)
-    plan = launch_plan(attempt.command)
-    flags = flags_in_command(record.command, knobs=list(record.config), extra_flags=spec.extra_flags)
-    record.capabilities = capabilities(seen, flags, in_process=plan.delivery.value == "bootstrap",
-                                       placeholders=placeholders_in(record.command))
-    _verify(spec, journal, attempt, seen, events)
-
-
-def _checkpoint_dir_from(journal: Journal, output_dir: str | None) -> None:
-    record = journal.record
-    if output_dir and output_dir != record.checkpoint_dir:
-        journal.event("checkpoint_dir", path=output_dir, previous=record.checkpoint_dir or None,
-                      reported_by="the child's Trainer (args.output_dir)")
-        record.checkpoint_dir = output_dir
-
-
-def _verify(spec: RunSpec, journal: Journal, attempt: AttemptRecord, seen: Observation,
-            events: list[dict[str, Any]]) -> None:
-    record = journal.record
-    profile = data_profile(e for e in events if e.get("time", 0) >= attempt.started)
-    for check in verify(attempt.orders, seen, longest_row=profile.max_len if profile else None):
-        attempt.verified[check.knob] = check.status
-        if check.status == NOT_APPLIED:
-            record.unavailable[check.knob] = check.why
-            if check.observed is not None:
-                record.config[check.knob] = attempt.knobs[check.knob] = check.observed
-        event = {VERIFIED: EVENT_CHANGE_VERIFIED, NOT_APPLIED: EVENT_CHANGE_NOT_APPLIED}.get(check.status)
-        if event:
-            journal.event(event, attempt=attempt.n, knob=check.knob, expected=check.expected,
-                          observed=check.observed, why=check.why or None)
-        if check.status == NOT_APPLIED:
-            _say(spec, f"change not applied: {check.knob} → {check.expected}: {check.why}")
 
 
 def _own_footprint() -> dict[str, int]:
@@ -306,15 +325,10 @@ def _max_step(journal: Journal, events: list[dict[str, Any]], attempt: AttemptRe
     steps = [r.step for r in records if r.step is not None]
     steps += [step for e in events if e.get("time", 0) >= attempt.started
               and (step := completed_step(e)) is not None]
-    steps += [c.step for c in scan_checkpoints(_ckpt_dir(journal))
+    steps += [c.step for c in scan_checkpoints(checkpoint_dir(journal))
               if c.complete and _mtime(c.path) >= attempt.started]
     best = max(steps, default=0)
     return best if best > 0 else None  # step 0 is "no optimizer step completed", not progress
-
-
-def _ckpt_dir(journal: Journal) -> Path | None:
-    """Where the child's Trainer saves: its reported output_dir, else its flag (None: unknown yet)."""
-    return Path(journal.record.checkpoint_dir) if journal.record.checkpoint_dir else None
 
 
 def _mtime(path: Path) -> float:
@@ -324,35 +338,13 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _usable_checkpoints(spec: RunSpec, journal: Journal) -> list[CheckpointScan]:
-    scans = scan_checkpoints(_ckpt_dir(journal))
-    for bad in (s for s in scans if not s.complete):
-        journal.event("checkpoint_skipped", path=str(bad.path), step=bad.step, problems=list(bad.problems))
-        _move_aside(journal, bad)  # issue 5
-    return [s for s in scans if s.complete]
-
-
-def _move_aside(journal: Journal, bad: CheckpointScan) -> None:
-    """A resumed run would save into the skipped folder again and its stale files could survive."""
-    try:
-        moved = move_aside_incomplete(bad, len(journal.record.attempts))
-    except OSError as exc:
-        journal.event("checkpoint_moved_aside", path=str(bad.path), step=bad.step, moved_to=None,
-                      error=f"{exc}: move it out of the checkpoint dir by hand before a resume rewrites it")
-        return
-    journal.event("checkpoint_moved_aside", path=str(bad.path), step=bad.step, moved_to=str(moved))
-
-
-def _resume_point(journal: Journal, spec: RunSpec, _failure: Failure | None) -> str | None:
-    usable = _usable_checkpoints(spec, journal)
-    return str(usable[0].path) if usable else None
-
-
 def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
     if failure.kind is FailureKind.NAN_LOSS:  # issue 5: checkpoints written after the NaN move aside
-        quarantine_after_nan(_ckpt_dir(journal), journal.attempt_dir(len(journal.record.attempts)) / ERROR_JSON,
-                             failure.step, journal.event)
-    usable = _usable_checkpoints(spec, journal)
+        quarantine_after_nan(checkpoint_dir(journal), journal.attempt_dir(len(journal.record.attempts)) / ERROR_JSON,
+                             failure.step, journal.event, own=own_test(journal))
+    if failure.kind is FailureKind.CRASH and failure.phase is Phase.CHECKPOINT_LOAD:
+        move_aside_unloadable(journal, journal.record.attempts[-1])
+    usable = usable_checkpoints(journal)
     bf16_ok = False if spec.gpu is None else None  # no GPU: the child trains in fp32 or CPU bf16 it chose itself
     if spec.gpu is not None and spec.gpu.compute_capability:
         bf16_ok = tuple(spec.gpu.compute_capability) >= (8, 0)
@@ -364,7 +356,7 @@ def _decide(spec: RunSpec, journal: Journal, failure: Failure) -> Decision:
     journal.record.attempts[-1].decision = decision_dict(decision)
     journal.save()
     journal.event("decision", attempt=len(journal.record.attempts), **decision_dict(decision))
-    _say(spec, decision.reason)
+    say(spec, decision.reason)
     return decision
 
 
@@ -378,6 +370,13 @@ def _between_attempts(spec: RunSpec, journal: Journal, outcome: ChildOutcome, de
         time.sleep(0.1)
 
 
+def _give_up(journal: Journal, decision: Decision) -> ExitCode:
+    reason = decision.give_up or GiveUpReason.LADDER_EXHAUSTED
+    status = RunStatus.FAILED if reason == GiveUpReason.UNRECOVERABLE else RunStatus.GAVE_UP
+    return _end(journal, status, GIVE_UP_EXIT.get(reason, ExitCode.GAVE_UP),
+                give_up=reason.value, root_cause=decision.reason)
+
+
 def _end(journal: Journal, status: RunStatus, code: ExitCode, *, give_up: str | None = None,
          root_cause: str | None = None) -> ExitCode:
     record = journal.record
@@ -386,8 +385,3 @@ def _end(journal: Journal, status: RunStatus, code: ExitCode, *, give_up: str | 
     journal.save()
     journal.event("run_ended", status=status.value, exit_code=int(code), give_up=give_up, root_cause=root_cause)
     return code
-
-
-def _say(spec: RunSpec, text: str) -> None:
-    if spec.echo:
-        print(f"[oomguard] {text}", file=sys.stderr, flush=True)

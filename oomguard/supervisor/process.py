@@ -3,40 +3,74 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
+import errno
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Callable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 import psutil
 
-from ..protocol import HEARTBEAT, STDERR_LOG, STDOUT_LOG
-from .ranks import rank_of_heartbeat
-from .tree import ProcessTree
+from ..protocol import ENV_RUN_DIR, STDERR_LOG, STDOUT_LOG
+from .progress import HeartbeatClock
+from .tree import ProcessTree, stop_run_strays
 
 POLL_S = 0.2
 TAIL_LINES = 200
 TAIL_BYTES = 256 * 1024  # of stderr read back for classification
 HOST_MEM_WINDOW_S = 10.0  # seconds of host-memory history kept to judge a SIGKILL
+ECHO_CHUNK = 64 * 1024  # bytes read from a child's log at a time: memory stays flat whatever it prints
+ECHO_PER_PUMP = 8 * 1024 * 1024  # bytes echoed per poll at most (the rest next poll, all of it at the end)
+STRAY_GRACE_S = 5.0  # SIGTERM -> SIGKILL for a process that outlived its attempt (it is not training)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal was closed
 
 
 class StopFlag:
-    """Set from a signal handler; read by the poll loop (SIGINT/SIGTERM to the supervisor)."""
+    """Set from a signal handler; read by the poll loop (SIGINT/SIGTERM/SIGHUP to the supervisor).
+
+    The first stop signal lets the child save (grace period); a second SIGINT or SIGTERM is the
+    user insisting ("a second Ctrl-C ends it at once"). SIGHUP never escalates: a terminal
+    closed after a Ctrl-C is not the user asking twice."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.urgent = False
 
     def set(self, signum: int) -> None:
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        elif signum != signal.SIGHUP:
+            self.urgent = True
 
     @property
     def is_set(self) -> bool:
         return self.signum is not None
+
+    @property
+    def forward(self) -> int:
+        """What the child gets: the guard saves on SIGINT/SIGTERM only, and SIGHUP would kill it unsaved."""
+        return signal.SIGINT if self.signum == signal.SIGINT else signal.SIGTERM
+
+
+@contextlib.contextmanager
+def handle_stop_signals(stop: StopFlag) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP set ``stop`` for the duration; the previous handlers come back after."""
+    previous = {s: signal.signal(s, lambda n, _f: stop.set(n)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +78,7 @@ class Watch:
     heartbeat_dir: Path
     hang_timeout_s: float | None
     grace_s: float = 30.0  # SIGTERM -> SIGKILL; the child's guard saves in this time
+    startup_timeout_s: float | None = None  # to the first heartbeat; None: hang_timeout_s
     echo: bool = True
 
 
@@ -58,6 +93,7 @@ class ChildOutcome:
     stderr_tail: str
     pids: frozenset[int]  # every pid seen in the child's tree (for GPU-release checks)
     heartbeat_ages: dict[int, float] = dataclasses.field(default_factory=dict)  # rank -> s, when hung
+    strays: tuple[int, ...] = ()  # pids of this run stopped after the attempt (daemonized grandchildren)
 
 
 def _set_parent_death_signal() -> None:
@@ -68,28 +104,104 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def _output_gone(fd: int) -> bool:
+    """The reader of ``fd`` is gone: a pipe whose reader exited (``| head``) reports POLLERR, a
+    closed terminal POLLHUP, a closed fd POLLNVAL. A file or a live terminal reports none."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        events = poller.poll(0)
+    except OSError:
+        return True
+    return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events)
+
+
+def _divert(fd: int) -> None:
+    """Point ``fd`` at /dev/null: every later print to it (ours, the loop's, the summary's,
+    the interpreter's last flush) succeeds silently. The attempt's log files keep everything."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def divert_gone_output() -> None:
+    """Divert stdout/stderr whose reader is gone, before anything writes to them again."""
+    for fd in (1, 2):
+        if _output_gone(fd):
+            _divert(fd)
+
+
+class _Tolerant:
+    """A text stream that never raises when its reader is gone: the supervisor's job is the
+    child, and a ``BrokenPipeError`` from a status line would leave the run ``running``."""
+
+    def __init__(self, inner: IO[str], fd: int):
+        self._inner, self._fd = inner, fd
+
+    def write(self, text: str) -> int:
+        try:
+            return self._inner.write(text)
+        except (OSError, ValueError):
+            _divert(self._fd)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._inner.flush()
+        except (OSError, ValueError):
+            _divert(self._fd)  # the buffered rest goes to /dev/null on the next flush
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def tolerate_gone_output() -> Iterator[None]:
+    """stdout/stderr tolerate a reader that went away (EPIPE, a closed terminal) for the duration."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tolerant(sys.stdout, 1), _Tolerant(sys.stderr, 2)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        divert_gone_output()  # the CLI prints a summary after us, with the plain streams
+        sys.stdout, sys.stderr = saved
+
+
 class _Echo:
     """Copies what the child appended to its log file to our terminal, from where it left off.
 
     The child writes its stdout/stderr straight into the attempt's log files, not into pipes:
     a pipe dies with the supervisor, and an orphan's next print (a loss line, a progress bar)
-    would then raise BrokenPipeError before its guard could save. A file outlives us."""
+    would then raise BrokenPipeError before its guard could save. A file outlives us.
+    Reads go in ECHO_CHUNK pieces: a chatty child's 1 GiB line never sits in our memory."""
 
-    def __init__(self, path: Path, target: IO[bytes] | None):
-        self.path, self.target, self.offset = path, target, path.stat().st_size
+    def __init__(self, path: Path, target: IO[bytes] | None, fd: int):
+        self.path, self.target, self.fd, self.offset = path, target, fd, path.stat().st_size
 
-    def pump(self) -> None:
+    def pump(self, budget: int | None = ECHO_PER_PUMP) -> None:
+        """Copy up to ``budget`` bytes (None: to the end), so one poll never stalls on a flood."""
         if self.target is None:
             return
         with self.path.open("rb") as f:
             f.seek(self.offset)
-            chunk = f.read()
-        self.offset += len(chunk)
+            while budget is None or budget > 0:
+                chunk = f.read(ECHO_CHUNK if budget is None else min(ECHO_CHUNK, budget))
+                if not chunk or not self._write(chunk):
+                    return
+                self.offset += len(chunk)
+                budget = None if budget is None else budget - len(chunk)
+
+    def _write(self, chunk: bytes) -> bool:
         try:
-            self.target.write(chunk)
-            self.target.flush()
+            self.target.write(chunk)  # type: ignore[union-attr]
+            self.target.flush()  # type: ignore[union-attr]
+            return True
         except (OSError, ValueError):
-            pass  # our own terminal went away; the log file has it all
+            self.target = None  # our terminal went away: stop echoing, the log file has it all
+            _divert(self.fd)
+            return False
 
 
 def _tail(path: Path, since: int, lines: int = TAIL_LINES) -> str:
@@ -108,41 +220,26 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _heartbeat_ages(watch: Watch, since: float, now: float) -> dict[int, float]:
-    """Seconds since each rank's heartbeat (``heartbeat``, ``heartbeat.rank<k>``) last moved, for
-    the files touched during this attempt (an older file is a previous attempt's)."""
-    ages = {}
-    for hb in watch.heartbeat_dir.glob(f"{HEARTBEAT}*"):
-        rank = rank_of_heartbeat(hb.name)
-        try:
-            mtime = hb.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if rank is not None and mtime >= since:
-            ages[rank] = now - mtime
-    return ages
-
-
-def _stale_heartbeat(watch: Watch, since: float, now: float) -> dict[int, float] | None:
+def _stale_heartbeat(watch: Watch, clock: HeartbeatClock) -> dict[int, float] | None:
     """Every rank's heartbeat age when any rank's has not moved for hang_timeout_s, else None.
-    Per rank: one rank stuck (or blocked in a collective after its peer died) is a hang."""
+    Per rank: one rank stuck (or blocked in a collective after its peer died) is a hang; before
+    the first beat the deadline runs from launch (``HeartbeatClock``)."""
     if not watch.hang_timeout_s:
         return None
-    ages = _heartbeat_ages(watch, since, now)
-    return ages if any(age > watch.hang_timeout_s for age in ages.values()) else None
+    ages = clock.ages()
+    limit = watch.hang_timeout_s if clock.moved else (watch.startup_timeout_s or watch.hang_timeout_s)
+    return ages if any(age > limit for age in ages.values()) else None
 
 
-def _terminate(popen: subprocess.Popen, tree: ProcessTree, first: int, grace_s: float) -> None:
+def _terminate(popen: subprocess.Popen, tree: ProcessTree, first: int, grace_s: float, stop: StopFlag) -> None:
     """``first`` to every group of the tree (a launcher's ranks lead groups of their own), up to
-    ``grace_s`` for the child *and* its ranks to end, then SIGKILL to whatever is left."""
+    ``grace_s`` for the child *and* its ranks to end, then SIGKILL to whatever is left. A second
+    stop signal (``stop.urgent``) cuts the grace short: the user asked twice."""
     tree.refresh()
     tree.signal(first)
     deadline = time.monotonic() + grace_s
-    try:
-        popen.wait(timeout=grace_s)  # the guard saves at the next step end, then exits
-    except subprocess.TimeoutExpired:
-        pass
-    tree.wait(max(0.0, deadline - time.monotonic()))
+    while time.monotonic() < deadline and not stop.urgent and (popen.poll() is None or tree.alive()):
+        time.sleep(0.05)  # the guard saves at the next step end, then exits; a signal wakes us
     tree.signal(signal.SIGKILL)
 
 
@@ -194,6 +291,108 @@ def reap_orphan(pid: int, started: float | None, grace_s: float) -> str | None:
     return f"the previous supervisor's child group {pid} was still running; killed after {grace_s:g} s"
 
 
+def exec_problem(argv: Sequence[str], path: str | None = None) -> str | None:
+    """Why the OS cannot execute ``argv[0]``, with the fix, or None when nothing is seen wrong.
+    Callable before anything starts; ``run_child`` uses it to explain a failed exec."""
+    exe = shutil.which(argv[0], path=path) if argv else None
+    if exe is None:
+        return (f"command not found: {argv[0] if argv else ''!r} (not on PATH and not an executable file); "
+                "check the spelling or give a full path")
+    try:
+        with open(exe, "rb") as f:
+            head = f.read(256)
+    except OSError as exc:
+        return f"cannot read {exe}: {exc.strerror}; make it readable (chmod +r) or run it through its interpreter"
+    if head.startswith(b"#!"):
+        return _shebang_problem(exe, head)
+    if head.startswith(b"\x7fELF") or b"\0" in head:
+        return None  # a binary: whether it runs is the kernel's business (binfmt_misc and all)
+    return (f"{exe} is a text file without a `#!` first line, so the OS cannot execute it (Exec format error); "
+            "add one such as `#!/usr/bin/env bash` or `#!/usr/bin/env python3`, or name the interpreter in the "
+            f"command (`oomguard run -- bash {argv[0]} ...`)")
+
+
+def _shebang_problem(exe: str, head: bytes) -> str | None:
+    """The ``#!`` line's interpreter that the kernel would fail to start (ENOENT names the script)."""
+    line = head[2:].split(b"\n")[0]
+    if line.endswith(b"\r"):
+        return (f"{exe}: its `#!` line ends in a carriage return (Windows line endings), so the interpreter "
+                f"`{line.strip().decode(errors='replace')}\\r` does not exist; convert it with `dos2unix {exe}`")
+    words = line.split()
+    interpreter = words[0].decode(errors="replace") if words else ""
+    if not interpreter:
+        return f"{exe}: its `#!` line names no interpreter; write one, e.g. `#!/usr/bin/env python3`"
+    if not os.path.isfile(interpreter) or not os.access(interpreter, os.X_OK):
+        return (f"{exe}: its `#!` line names the interpreter {interpreter}, which does not exist or is not "
+                f"executable; fix the first line (e.g. `#!/usr/bin/env python3`) or name the interpreter in "
+                f"the command (`oomguard run -- python3 {exe} ...`)")
+    return None
+
+
+def _spawn(argv: Sequence[str], env: Mapping[str, str], out_log: IO[bytes],
+           err_log: IO[bytes]) -> subprocess.Popen | OSError:
+    """The child in its own session, its output straight into the log files; the OSError when
+    the exec itself failed (ENOEXEC, a missing ``#!`` interpreter, EACCES)."""
+    try:
+        return subprocess.Popen(list(argv), env=dict(env), stdout=out_log, stderr=err_log,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_set_parent_death_signal)
+    except OSError as exc:
+        return exc
+
+
+def _not_started(argv: Sequence[str], env: Mapping[str, str], exc: OSError, err_path: Path,
+                 echoes: list[_Echo], t0: float) -> ChildOutcome:
+    """An exec that failed, as an attempt that failed at startup: the loop records it (a crash that
+    repeats identically stops the run, exit 5, with this text as its root cause), never a traceback."""
+    why = exec_problem(argv, env.get("PATH")) or f"could not start {argv[0]!r}: {exc}; check the command"
+    with err_path.open("ab") as f:
+        f.write(f"oomguard: the command could not be started: {why}\n".encode())
+    for echo in echoes:
+        echo.pump(None)
+    code = 127 if exc.errno == errno.ENOENT else 126  # as a shell reports "not found" / "cannot execute"
+    return ChildOutcome(exit_code=code, signal=None, hung=False, interrupted_by=None,
+                        duration_s=time.monotonic() - t0, host_mem_peak_percent=0.0,
+                        stderr_tail=f"oomguard: the command could not be started: {why}", pids=frozenset())
+
+
+def _stop_strays(env: Mapping[str, str], stop: StopFlag, echo: bool) -> tuple[int, ...]:
+    """What of this run outlived the attempt (a daemonized grandchild) is stopped now, not left
+    to pile up one per attempt; a line on stderr says so."""
+    pids = stop_run_strays(env.get(ENV_RUN_DIR), 0.0 if stop.urgent else STRAY_GRACE_S)
+    if pids and echo:
+        print(f"[oomguard] stopped {len(pids)} process(es) of this run that outlived the attempt "
+              f"(daemonized?): pids {', '.join(map(str, pids))}", file=sys.stderr, flush=True)
+    return tuple(pids)
+
+
+@dataclasses.dataclass
+class _Watching:
+    """What the poll loop learns about a running child."""
+
+    mem: collections.deque = dataclasses.field(default_factory=collections.deque)
+    hung: dict[int, float] | None = None
+    interrupted: int | None = None
+
+
+def _poll_once(popen: subprocess.Popen, tree: ProcessTree, watch: Watch, stop: StopFlag, beats: HeartbeatClock,
+               seen: _Watching, on_tick: Callable[[], None] | None) -> None:
+    """One poll: host memory, the tree, a stop signal, a stale heartbeat, the status line."""
+    now = time.monotonic()
+    seen.mem.append((now, psutil.virtual_memory().percent))
+    while seen.mem and now - seen.mem[0][0] > HOST_MEM_WINDOW_S:
+        seen.mem.popleft()
+    tree.refresh()
+    if stop.is_set and seen.interrupted is None:
+        seen.interrupted = stop.signum
+        _terminate(popen, tree, stop.forward, watch.grace_s, stop)
+    elif (stale := _stale_heartbeat(watch, beats)) is not None:
+        seen.hung = stale
+        _terminate(popen, tree, signal.SIGTERM, _hang_grace(watch), stop)
+    elif on_tick is not None:
+        on_tick()
+
+
 def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, watch: Watch,
               stop: StopFlag, on_tick: Callable[[], None] | None = None,
               on_start: Callable[[int], None] | None = None) -> ChildOutcome:
@@ -203,48 +402,40 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
     that dies can be followed by one that finds the orphan); ``on_tick`` once per poll.
     """
     attempt_dir.mkdir(parents=True, exist_ok=True)
-    started, t0 = time.time(), time.monotonic()
+    t0 = time.monotonic()
     out_path, err_path = attempt_dir / STDOUT_LOG, attempt_dir / STDERR_LOG
     with out_path.open("ab") as out_log, err_path.open("ab") as err_log:
         err_start = err_path.stat().st_size
-        echoes = [_Echo(out_path, sys.stdout.buffer if watch.echo else None),
-                  _Echo(err_path, sys.stderr.buffer if watch.echo else None)]
-        popen = subprocess.Popen(list(argv), env=dict(env), stdout=out_log, stderr=err_log,
-                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                 preexec_fn=_set_parent_death_signal)
+        echoes = [_Echo(out_path, sys.stdout.buffer if watch.echo else None, 1),
+                  _Echo(err_path, sys.stderr.buffer if watch.echo else None, 2)]
+        beats = HeartbeatClock(watch.heartbeat_dir)  # before the start: the hang deadline runs from launch
+        popen = _spawn(argv, env, out_log, err_log)
+    if isinstance(popen, OSError):
+        return _not_started(argv, env, popen, err_path, echoes, t0)
     if on_start is not None:
         on_start(popen.pid)
-    tree = ProcessTree(popen.pid)
-    mem: collections.deque = collections.deque()
-    hung: dict[int, float] | None = None
-    interrupted: int | None = None
+    tree, seen = ProcessTree(popen.pid), _Watching()
     while popen.poll() is None:
-        now = time.time()
-        mem.append((now, psutil.virtual_memory().percent))
-        while mem and now - mem[0][0] > HOST_MEM_WINDOW_S:
-            mem.popleft()
-        tree.refresh()
-        if stop.is_set and interrupted is None:
-            interrupted = stop.signum
-            _terminate(popen, tree, stop.signum or signal.SIGTERM, watch.grace_s)
-        elif (stale := _stale_heartbeat(watch, started, now)) is not None:
-            hung = stale
-            _terminate(popen, tree, signal.SIGTERM, _hang_grace(watch))
-        elif on_tick is not None:
-            on_tick()
+        _poll_once(popen, tree, watch, stop, beats, seen, on_tick)
         for echo in echoes:
             echo.pump()
+        divert_gone_output()  # a reader gone while we watched: no later print may raise
         try:
             popen.wait(timeout=POLL_S)  # returns at once when the child ends: no idle poll
         except subprocess.TimeoutExpired:
             pass
     tree.signal(signal.SIGKILL)  # stragglers a launcher left behind, in its group or their own
+    strays = _stop_strays(env, stop, watch.echo)
     for echo in echoes:
-        echo.pump()
-    rc = popen.returncode
+        echo.pump(None)
+    return _outcome(popen.returncode, seen, t0, _tail(err_path, err_start), tree, strays)
+
+
+def _outcome(rc: int, seen: _Watching, t0: float, tail: str, tree: ProcessTree,
+             strays: tuple[int, ...]) -> ChildOutcome:
     return ChildOutcome(
-        exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, hung=hung is not None,
-        interrupted_by=interrupted, duration_s=time.monotonic() - t0,
-        host_mem_peak_percent=max((p for _, p in mem), default=0.0),
-        stderr_tail=_tail(err_path, err_start), pids=tree.pids,
-        heartbeat_ages={r: round(a, 1) for r, a in (hung or {}).items()})
+        exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, hung=seen.hung is not None,
+        interrupted_by=seen.interrupted, duration_s=time.monotonic() - t0,
+        host_mem_peak_percent=max((p for _, p in seen.mem), default=0.0),
+        stderr_tail=tail, pids=tree.pids, strays=strays,
+        heartbeat_ages={r: round(a, 1) for r, a in (seen.hung or {}).items()})

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import sys
+import os
+import stat
 from pathlib import Path
 from typing import Any, Sequence
 
 from pydantic import BaseModel
 
-from ..errors import UsageError
+from ..errors import RunDirError, UsageError
 from ..policy import GpuInfo, Policy, load_all_shipped, load_policy_arg, select_policy
-from ..protocol import POLICY_COPY, RUN_JSON, parse_inject, parse_size
+from ..protocol import (ATTEMPTS_DIR, EVENTS_JSONL, HEARTBEAT, LOCK_FILE, POLICY_COPY, RUN_JSON, parse_inject,
+                        parse_size)
 from .command import knobs_in_command, output_dir_of, world_size_of
 from .gpu import detect_gpu, emulated_gpu
 from .launch import is_builtin_recipe
+from .process import exec_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,21 +75,85 @@ def _check_command(command: Sequence[str]) -> tuple[str, ...]:
     if not command:
         raise UsageError("no command to run; write it after `--`, e.g. "
                          "`oomguard run -- python train.py --per_device_train_batch_size 8`")
-    if shutil.which(command[0]) is None:
-        raise UsageError(f"command not found: {command[0]!r} (not on PATH and not an executable "
-                         "file); check the spelling or give a full path")
+    problem = exec_problem(command)  # missing, no shebang, a missing interpreter: before anything starts
+    if problem:
+        raise UsageError(problem)
     return tuple(command)
 
 
 def _check_options(vram_limit: str | None, inject: str | None) -> None:
-    try:
-        if vram_limit:
-            parse_size(vram_limit)
-        if inject:
+    if vram_limit is not None:
+        try:
+            parse_size(vram_limit, require_unit=True)
+        except ValueError as exc:
+            raise UsageError(f"--vram-limit: {exc}") from None
+    if inject is not None:
+        try:
             parse_inject(inject)
-    except ValueError as exc:
-        option = "--vram-limit" if vram_limit and "size" in str(exc) else "--inject"
-        raise UsageError(f"{option}: {exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--inject: {exc}") from None
+
+
+MIN_FREE_BYTES = 1 << 20  # a run dir's first run.json, journal lines and logs need well under this
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_dir(path: Path, what: str, option: str) -> None:
+    """``path`` (or, when missing, the nearest folder above it) is a writable directory with space."""
+    base = path if os.path.lexists(path) else _existing_ancestor(path)
+    if not base.is_dir():
+        where = "is" if base == path.absolute() or base == path else f"cannot be created: {base} is"
+        raise RunDirError(f"{what} {path} {where} a {_kind(base)}, not a directory; "
+                          f"pass a {option} that is a directory (or will be created as one)")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise RunDirError(f"{what} {path}: {base} is not writable (read-only filesystem or permissions); "
+                          f"make it writable or pass a {option} on a writable filesystem")
+    st = os.statvfs(base)
+    if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+        raise RunDirError(f"{what} {path}: the filesystem of {base} is full ({st.f_bavail * st.f_frsize} bytes "
+                          f"free); free some space or pass a {option} on another filesystem")
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "broken link"
+    return ("directory" if stat.S_ISDIR(mode) else "regular file" if stat.S_ISREG(mode)
+            else "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "special file")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, before anything starts, a run dir the supervisor could not write (a file, below a
+    file, read-only, full) or whose state files are not files: else an OSError mid-start leaves
+    a traceback and a run.json saying ``running``."""
+    _check_writable_dir(run_dir, "run dir", "--run-dir")
+    for name in (RUN_JSON, EVENTS_JSONL, POLICY_COPY, LOCK_FILE, HEARTBEAT):
+        path = run_dir / name
+        if os.path.lexists(path) and not path.is_file():
+            raise RunDirError(f"{path} is a {_kind(path)}, not a regular file; the supervisor writes its state "
+                              f"there: move it aside (or restore the file) or pass a new --run-dir")
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise RunDirError(f"{path} is not writable; make it writable (chmod u+w) or pass a new --run-dir")
+    attempts = run_dir / ATTEMPTS_DIR
+    if os.path.lexists(attempts) and not attempts.is_dir():
+        raise RunDirError(f"{attempts} is a {_kind(attempts)}, not a directory; move it aside or pass a new --run-dir")
+
+
+def _check_checkpoint_dir(checkpoint_dir: Path | None) -> None:
+    if checkpoint_dir is None:
+        return
+    base = checkpoint_dir if os.path.lexists(checkpoint_dir) else _existing_ancestor(checkpoint_dir)
+    if not base.is_dir():
+        raise UsageError(f"--checkpoint-dir {checkpoint_dir}: {base} is a {_kind(base)}, not a directory; "
+                         "pass a directory (new or existing) for checkpoint-N folders")
 
 
 def resolve_policy(policy_arg: str | None, vram_limit: str | None,
@@ -95,11 +163,24 @@ def resolve_policy(policy_arg: str | None, vram_limit: str | None,
     gpu = detect_gpu()
     if vram_limit:
         gpu = emulated_gpu(gpu, parse_size(vram_limit))
-    if policy_arg:
+    if policy_arg is not None:
+        if not policy_arg.strip():  # `--policy ""` (an unset shell variable) must not mean "the default"
+            raise UsageError("--policy is empty; give a shipped name (`oomguard policy list`) or a policy "
+                             "file, or leave --policy out to use the run's or the GPU's policy")
         return load_policy_arg(policy_arg), gpu
-    if run_dir is not None and (run_dir / RUN_JSON).is_file() and (run_dir / POLICY_COPY).is_file():
-        return load_policy_arg(str(run_dir / POLICY_COPY)), gpu
+    if run_dir is not None and (run_dir / RUN_JSON).is_file():
+        return _continued_policy(run_dir), gpu
     return select_policy(load_all_shipped(), gpu), gpu
+
+
+def _continued_policy(run_dir: Path) -> Policy:
+    """A continued run keeps its own policy; a missing copy is an error, not the GPU's default."""
+    copy = run_dir / POLICY_COPY
+    if not os.path.lexists(copy):
+        raise RunDirError(f"{copy} is missing: this run dir holds a run whose policy copy was deleted; "
+                          f"restore {POLICY_COPY} (the run's policy) or pass --policy NAME_OR_FILE to "
+                          "continue under that policy")
+    return load_policy_arg(str(copy))
 
 
 def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
@@ -107,6 +188,8 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                inject: str | None = None, echo: bool = True, start_from_policy: bool = False) -> RunSpec:
     _check_options(vram_limit, inject)
     cmd = _check_command(command)
+    check_run_dir(run_dir)
+    _check_checkpoint_dir(checkpoint_dir)
     policy, gpu = resolve_policy(policy_arg, vram_limit, run_dir)
     extra = policy_flags(policy)
     names = list(policy_knobs(policy))
@@ -117,3 +200,9 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                    orders=first_orders(policy, cmd, extra, start), extra_flags=extra,
                    world_size=world_size_of(cmd), gpu=gpu, vram_limit=vram_limit, inject=inject, echo=echo,
                    redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start)
+
+
+def say(spec: RunSpec, text: str) -> None:
+    """One line of oomguard's own on stderr, unless ``--quiet``."""
+    if spec.echo:
+        print(f"[oomguard] {text}", file=sys.stderr, flush=True)

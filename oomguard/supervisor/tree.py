@@ -97,6 +97,17 @@ def run_processes(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` for ``procs`` to end; those still running. A zombie counts as
+    ended: a process not our child is reaped by init, maybe never in a container."""
+    deadline = time.monotonic() + timeout_s
+    left = [p for p in procs if _running(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _running(p)]
+    return left
+
+
 def stop_processes(procs: list[psutil.Process], grace_s: float) -> int:
     """SIGTERM (the guard saves at its next step end), ``grace_s`` seconds, then SIGKILL.
     Returns how many were still running when SIGKILL came."""
@@ -105,10 +116,22 @@ def stop_processes(procs: list[psutil.Process], grace_s: float) -> int:
             proc.send_signal(signal.SIGTERM)  # psutil refuses a reused pid
         except psutil.Error:
             continue
-    _, left = psutil.wait_procs(procs, timeout=grace_s)
+    left = _wait_gone(procs, grace_s)
     for proc in left:
         try:
             proc.kill()
         except psutil.Error:
             continue
     return len(left)
+
+
+def stop_run_strays(run_dir: str | os.PathLike[str] | None, grace_s: float) -> list[int]:
+    """Stop what is left of a run once an attempt has ended: a grandchild that daemonized
+    (double fork, ``setsid``) is in no group or tree of the child, but it still carries the
+    run dir in its environment. Returns the pids stopped (SIGTERM, ``grace_s``, SIGKILL)."""
+    if not run_dir:
+        return []
+    strays = run_processes(Path(run_dir))
+    if strays:
+        stop_processes(strays, grace_s)
+    return [p.pid for p in strays]

@@ -47,6 +47,11 @@ def test_genuine_oom_under_a_vram_cap_recovers(tmp_path, record):
     assert first["kind"] == "cuda_oom" and "injected" not in first["detail"]
     assert run["config"]["max_seq_length"] < 2048
     assert run["config"]["per_device_train_batch_size"] * run["config"]["gradient_accumulation_steps"] == 16
+    # issue 12: attempt 1 ran the command as written; every later change showed in the child
+    assert run["attempts"][0]["command"] == run["command"]
+    assert run["requested_source"] == "observed" and run["requested"]["max_seq_length"] == 2048
+    verdicts = {v for a in run["attempts"][1:] for v in a["verified"].values()}
+    assert verdicts == {"verified"}, [a["verified"] for a in run["attempts"]]
     state = json.loads(max((run_dir / "checkpoints").glob("checkpoint-*"),
                            key=lambda p: int(p.name.split("-")[1])).joinpath("trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -66,3 +71,13 @@ def test_real_fp16_divergence_rolls_back_and_switches_precision(tmp_path, record
     resumed = run["attempts"][1]["resumed_from"]
     assert resumed is None or int(resumed.rpartition("-")[2]) <= nan["step"]
     assert run["config"]["precision"] == "bf16"
+    # issue 12: each change (precision, and the LR if the ladder got there) is verified in the child,
+    # and an LR change is the LR the child's own trainer_state logs after the rollback
+    last = run["attempts"][-1]
+    assert set(last["verified"].values()) == {"verified"}, [a["verified"] for a in run["attempts"]]
+    if "learning_rate" in last["orders"]:
+        ckpt = max((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start = int(last["resumed_from"].rpartition("-")[2]) if last["resumed_from"] else 0
+        after = [h["learning_rate"] for h in state["log_history"] if "loss" in h and h["step"] > start]
+        assert after and all(abs(lr - last["orders"]["learning_rate"]) <= 1e-9 * 3000 for lr in after), after

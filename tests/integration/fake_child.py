@@ -18,6 +18,7 @@ import signal
 import struct
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -31,16 +32,53 @@ def on_stop_signal(signum, _frame):
     STOP["signum"] = signum
 
 
-def save_checkpoint(out: Path, step: int, run_dir: Path, opt_bytes: int = 3) -> None:
+def save_checkpoint(out: Path, step: int, run_dir: Path, opt_bytes: int = 3, opt_zip: bytes | None = None) -> None:
     """Weights, optimizer, scheduler, then trainer_state.json last (as HF does: nothing atomic)."""
     ck = out / f"checkpoint-{step}"
     ck.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     (ck / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
     (ck / "optimizer.pt").write_bytes(b"o" * opt_bytes)
+    if opt_zip is not None:  # --opt_zip: torch.save's format instead
+        write_zip_optimizer(ck, opt_zip)
     (ck / "scheduler.pt").write_bytes(b"sch")
     (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     protocol.emit_event(run_dir, "checkpoint_saved", step=step, path=str(ck), source="child")
+
+
+OPT_STATE = b"optimizer state, as the fake child writes it"
+
+
+def write_zip_optimizer(ck: Path, payload: bytes = OPT_STATE) -> None:
+    """optimizer.pt as torch.save writes it since 1.6: a zip of stored members, each with its CRC."""
+    with zipfile.ZipFile(ck / "optimizer.pt", "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", payload)
+
+
+def corrupt_zip_member(ck: Path) -> None:
+    """Flip bytes inside the member's data; the zip's end record and central directory stay intact."""
+    path = ck / "optimizer.pt"
+    raw = bytearray(path.read_bytes())
+    at = raw.index(OPT_STATE)
+    raw[at:at + 4] = b"XXXX"
+    path.write_bytes(bytes(raw))
+
+
+def load_problem(ck: Path) -> str | None:
+    """What torch.load would trip over in this checkpoint's zip optimizer.pt, or None."""
+    try:
+        with zipfile.ZipFile(ck / "optimizer.pt") as z:
+            if z.testzip() is not None or z.read("archive/data.pkl") != OPT_STATE:
+                return "invalid load key, 'g'."
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"PytorchStreamReader failed reading zip archive: {exc}"
+    return None
+
+
+def kill_supervisor() -> None:
+    """The supervisor dies (SIGKILL, power) after its child failed, before it could decide."""
+    os.kill(int(os.environ[protocol.ENV_SUPERVISOR_PID]), signal.SIGKILL)
+    time.sleep(0.2)  # let it go first: its death is what this mode is for
 
 
 def record(kind, step, detail, phase=protocol.Phase.FORWARD_BACKWARD, **extra) -> int:
@@ -115,7 +153,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--oom_style", default="stderr", choices=["stderr", "record", "bnb"])
     ap.add_argument("--fail_at", type=int, default=3, help="step at which a failure fires")
     ap.add_argument("--mode", default="ok",
-                    choices=["ok", "nan", "nan_always", "sigkill", "hang", "crash", "crash_once", "torn"])
+                    choices=["ok", "nan", "nan_always", "sigkill", "hang", "crash", "crash_once", "torn",
+                             "caught_oom_crash"])
     ap.add_argument("--truncate_newest", action="store_true", help="corrupt the newest checkpoint on failure")
     ap.add_argument("--plan", default="", help=f"comma list, one per attempt, of {', '.join(PLAN_KINDS)}")
     ap.add_argument("--opt_bytes", type=int, default=3, help="size of optimizer.pt")
@@ -123,6 +162,23 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--disk_full_by", default="fill", choices=["fill", "fsize"])
     ap.add_argument("--disk_full_attempts", type=int, default=1, help="attempts whose save finds the disk full")
     ap.add_argument("--stop_delay_s", type=float, default=0.0, help="steps go on this long after a stop signal")
+    ap.add_argument("--hang_at_start", action="store_true", help="hang before the first heartbeat, every attempt")
+    ap.add_argument("--spew_bytes", type=int, default=0, help="write this many bytes to stderr, no newline, at start")
+    ap.add_argument("--stderr_chatter", type=int, default=0, help="lines written to stderr per step")
+    ap.add_argument("--daemon_sleeper", type=float, default=0.0, help="start a daemonized sleeper of this many s")
+    # additions for tests/integration/test_reliability_resume.py
+    ap.add_argument("--resume_from_checkpoint", default=None,
+                    help="the command's own resume point: used when the supervisor chose none (attempt 1)")
+    ap.add_argument("--opt_zip", action="store_true", help="optimizer.pt is a zip (torch.save's format)")
+    ap.add_argument("--corrupt_newest_member", action="store_true",
+                    help="with --opt_zip: on failure, damage the newest checkpoint's optimizer.pt inside")
+    ap.add_argument("--unloadable_at", type=int, default=None,
+                    help="with --opt_zip: the save at this step holds state no loader can read (CRC intact)")
+    ap.add_argument("--kill_supervisor_at_fail", action="store_true",
+                    help="attempt 1 SIGKILLs its supervisor right after failing")
+    ap.add_argument("--hub_token", default=None, help="a secret the supervisor must never write down")
+    ap.add_argument("--api_key", default=None, help="a secret, --x=v form")
+    ap.add_argument("--argv_out", default=None, help="write the argv this child got (JSON) to this file")
     return ap.parse_args()
 
 
@@ -139,6 +195,13 @@ def legacy_failure(args, step: int, attempt: int, out: Path, run_dir: Path) -> i
         return fail_planned("nan", step, run_dir)
     if args.mode in ("sigkill", "hang", "torn") and attempt == 1:
         return fail_planned({"sigkill": "host_oom"}.get(args.mode, args.mode), step, run_dir)
+    if args.corrupt_newest_member and attempt == 1:
+        corrupt_zip_member(max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])))
+    if args.mode == "caught_oom_crash":  # an OOM the script caught and survived, then a real bug
+        print("warning: CUDA out of memory in the optional eval probe; caught, skipping it", file=sys.stderr)
+        print("Traceback (most recent call last):\n  File \"train.py\", line 9, in <module>\n"
+              "ValueError: a bug in the script", file=sys.stderr)
+        return 1
     if args.mode == "crash" or (args.mode == "crash_once" and attempt == 1):
         print("Traceback (most recent call last):\nValueError: a bug in the script", file=sys.stderr)
         return 1
@@ -151,7 +214,8 @@ def save_maybe_full(args, out: Path, step: int, run_dir: Path, attempt: int) -> 
             fill_disk(out, leave=8192)
         else:
             limit_file_size(args.opt_bytes // 2)
-    save_checkpoint(out, step, run_dir, args.opt_bytes)  # OSError (ENOSPC/EFBIG) ends us with a traceback
+    opt_zip = (b"garbage" if args.unloadable_at == step else OPT_STATE) if args.opt_zip else None
+    save_checkpoint(out, step, run_dir, args.opt_bytes, opt_zip)  # OSError (ENOSPC/EFBIG) ends us with a traceback
 
 
 def report_recipe(args, run_dir: Path, attempt: int, out: Path) -> None:
@@ -171,8 +235,38 @@ def report_recipe(args, run_dir: Path, attempt: int, out: Path) -> None:
                             world_size=1, trainer="FakeTrainer", args_class="argparse.Namespace", lora=False)
 
 
+def daemonize_sleeper(seconds: float) -> None:
+    """Double fork + setsid: a grandchild in no group or tree of ours that outlives us (as a
+    daemonizing helper does); it keeps this process's environment, OOMGUARD_RUN_DIR included."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)  # a plain sleeper, not a trainer that saves first
+    time.sleep(seconds)
+    os._exit(0)
+
+
+def process_extras(args) -> None:
+    """The supervisor's process edge cases, before the first heartbeat."""
+    if args.daemon_sleeper:
+        daemonize_sleeper(args.daemon_sleeper)
+    chunk = b"x" * (1 << 20)
+    for left in range(args.spew_bytes, 0, -len(chunk)):  # one huge line, written in 1 MiB pieces
+        sys.stderr.buffer.write(chunk[:left])
+    sys.stderr.flush()
+    if args.hang_at_start:  # model load / dataset map / rendezvous that never returns
+        hang()
+
+
 def main() -> int:
     args = parse()
+    if args.argv_out:  # what really ran, secrets included (the supervisor redacts only its files)
+        Path(args.argv_out).write_text(json.dumps(sys.argv[1:]))
     env = os.environ
     run_dir = Path(env.get(protocol.ENV_RUN_DIR, "."))
     out = Path(env.get(protocol.ENV_CHECKPOINT_DIR) or args.output_dir or run_dir / "checkpoints")
@@ -190,10 +284,18 @@ def main() -> int:
     kind = plan[attempt - 1] if attempt <= len(plan) else "ok"
     if protocol.ENV_RUN_DIR in env:
         report_recipe(args, run_dir, attempt, out)
-    resume = env.get(protocol.ENV_RESUME_FROM) or ""
+    # as the bootstrap's choose_resume: the supervisor's choice, else (attempt 1) the command's own
+    resume = env[protocol.ENV_RESUME_FROM] if protocol.ENV_RESUME_FROM in env else (args.resume_from_checkpoint or "")
     start = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]) if resume else 0
+    problem = load_problem(Path(resume)) if resume and args.opt_zip else None
+    if problem is not None:
+        print(f"Traceback (most recent call last):\n  File \"trainer.py\", line 1, in _load_optimizer\n"
+              f"_pickle.UnpicklingError: {problem}", file=sys.stderr)
+        return record(protocol.FailureKind.CRASH, start, f"UnpicklingError: {problem}",
+                      phase=protocol.Phase.CHECKPOINT_LOAD)
     print(f"fake child: batch={args.per_device_train_batch_size} accum={args.gradient_accumulation_steps} "
           f"seq={args.max_seq_length} start={start} knobs={env.get(protocol.ENV_KNOBS)}", flush=True)
+    process_extras(args)  # --hang_at_start, --spew_bytes, --daemon_sleeper (supervisor process edge cases)
     if kind == "resume_oom":
         return record(protocol.FailureKind.RESUME_OOM, start, "CUDA out of memory loading the optimizer state",
                       phase=protocol.Phase.CHECKPOINT_LOAD)
@@ -204,10 +306,14 @@ def main() -> int:
             return fail_planned(kind, step, run_dir) or 0
         if not plan and step == args.fail_at:
             code = legacy_failure(args, step, attempt, out, run_dir)
+            if code is not None and args.kill_supervisor_at_fail and attempt == 1:
+                kill_supervisor()
             if code is not None:
                 return code
         protocol.touch(run_dir / protocol.HEARTBEAT)
         protocol.emit_event(run_dir, "step", step=step, source="child")
+        for i in range(args.stderr_chatter):
+            print(f"fake child: chatter {i} at step {step}", file=sys.stderr, flush=True)
         if STOP["signum"] is not None:
             stopping_since = stopping_since or time.monotonic()
             if time.monotonic() - stopping_since >= args.stop_delay_s:

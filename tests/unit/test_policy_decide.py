@@ -354,3 +354,13 @@ def test_precision_rungs_only_to_a_precision_the_device_has():
     assert d.action == "give_up" and "fp16 mixed precision needs a CUDA GPU" in d.reason
     same = [attempt(1, {**pol.start_knobs(), "precision": "fp16"}, K.CUDA_OOM, 5, max_step=5)]
     assert decide(pol, same, CKPTS).action == "give_up"  # already fp16: nothing to move away from
+
+
+def test_with_packing_a_shorter_length_still_saves_even_below_the_longest_sample():
+    pol = policy(ladders={"cuda_oom": {"rungs": [{"knob": "max_seq_length", "op": "scale", "factor": 0.5,
+                                                  "floor": 128, "resume": "reindex"}]}})
+    h = [attempt(1, pol, K.CUDA_OOM, 5, max_step=5)]
+    samples = ((0.0, 50), (0.5, 200), (1.0, 300))
+    packed = DataProfile(100, samples, 300, packed=True)
+    assert decide(pol, h, CKPTS, profile=packed).knobs["max_seq_length"] == 1024
+    assert decide(pol, h, CKPTS, profile=DataProfile(100, samples, 300)).action == "give_up"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 
 from oomguard.protocol import ErrorRecord, FailureKind, Phase
 from oomguard.supervisor.classify import classify
 from oomguard.supervisor.command import world_size_of
-from oomguard.supervisor.process import ChildOutcome, Watch, _stale_heartbeat
+from oomguard.supervisor.process import ChildOutcome
 from oomguard.supervisor.ranks import (first_failed_worker, peer_lost, rank_of_heartbeat, rank_records,
                                        root_cause_text, root_record)
 
@@ -116,14 +114,8 @@ def test_world_size_of_launchers():
     assert world_size_of(["torchrun", "--nproc_per_node", "gpu", "t.py"]) == 1  # not countable here
 
 
-def test_per_rank_heartbeat_one_stale_rank_is_a_hang(tmp_path):
+def test_heartbeat_file_names_map_to_ranks():
+    # the per-rank staleness itself is timed on the supervisor's monotonic clock:
+    # tests/unit/test_process_reliability.py::test_one_rank_that_stops_beating_is_a_hang
     assert [rank_of_heartbeat(n) for n in ("heartbeat", "heartbeat.rank3", "heartbeat.tmp")] == [0, 3, None]
-    now = time.time()
-    (tmp_path / "heartbeat").touch()
-    (tmp_path / "heartbeat.rank1").touch()
-    os.utime(tmp_path / "heartbeat.rank1", (now - 30, now - 30))  # rank 1 stopped 30 s ago
-    watch = Watch(heartbeat_dir=tmp_path, hang_timeout_s=10)
-    ages = _stale_heartbeat(watch, since=now - 60, now=now)
-    assert ages is not None and ages[1] > 10 > ages[0]
-    assert _stale_heartbeat(watch, since=now - 5, now=now) is None  # rank 1's beat predates this attempt
-    assert _stale_heartbeat(Watch(heartbeat_dir=tmp_path, hang_timeout_s=60), since=now - 60, now=now) is None
+
