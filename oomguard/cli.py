@@ -11,13 +11,31 @@ from typing import List, Optional
 
 import typer
 
+from . import __version__
 from .errors import ExitCode, OomguardError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # every command and group; inherited by subcommands
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=HELP_OPTIONS,
                   help="oomguard: carries LLM fine-tuning runs through CUDA OOM, NaN, host OOM and hangs.")
-policy_app = typer.Typer(no_args_is_help=True, help="Validate, show and export policy files.")
+policy_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
+                         help="Validate, show and export policy files.")
 app.add_typer(policy_app, name="policy")
+# The wrapped command's own arguments pass through untouched. Option parsing stops at the first
+# argument that is not oomguard's option (or at ``--``): what follows is the command's, its -h included.
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+RUN_ARGS = {**PASSTHROUGH, "allow_interspersed_args": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"oomguard {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print `oomguard <version>` and exit.")) -> None:
+    """oomguard: carries LLM fine-tuning runs through CUDA OOM, NaN, host OOM and hangs."""
 
 
 def _fail(exc: OomguardError) -> None:
@@ -66,7 +84,7 @@ def _print_summary(run_dir: Path) -> None:
         typer.echo(f"oomguard: no summary: {exc}", err=True)
 
 
-@app.command(context_settings=PASSTHROUGH)
+@app.command(context_settings=RUN_ARGS, options_metavar="[OPTIONS] -- COMMAND...")
 def run(ctx: typer.Context,
         policy: Optional[str] = typer.Option(None, help="Shipped policy name or a policy file; default: chosen for this GPU."),
         run_dir: Optional[Path] = typer.Option(None, help="Run directory (new, empty, or an earlier run to continue)."),
@@ -77,7 +95,11 @@ def run(ctx: typer.Context,
         dry_run: bool = typer.Option(False, help="Print policy, knobs and the first command line; start nothing."),
         quiet: bool = typer.Option(False, help="Do not echo the child's output (it is still logged)."),
         ) -> None:
-    """Run COMMAND (after --) under the supervisor."""
+    """Run COMMAND (after --) under the supervisor.
+
+    Options go before COMMAND; everything from COMMAND on (after --) is the command's own, its
+    -h/--help included. The end-of-run summary goes to stderr (the child's stdout may be piped).
+    """
     from .supervisor import build_spec, build_command, supervise
     from .supervisor.spec import policy_knobs
 
@@ -107,18 +129,29 @@ def run(ctx: typer.Context,
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
-    """Print the summary of a run (finished, interrupted or dead)."""
-    from .report import render_text, summarize
+def report(run_dir: Optional[Path] = typer.Argument(None, help="A run directory."),
+           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema oomguard.report/1)."),
+           json_schema: bool = typer.Option(False, "--json-schema",
+                                            help="Print the JSON Schema (draft 2020-12) of --json's document; no DIR."),
+           ) -> None:
+    """Print the summary of a run (finished, interrupted or dead) to stdout."""
+    from .report import render_text, report_document, summarize
+    from .report.schema import REPORT_JSON_SCHEMA
 
+    if json_schema:
+        typer.echo(json.dumps(REPORT_JSON_SCHEMA, indent=2))
+        return
+    if run_dir is None:
+        typer.echo("oomguard: error: pass a run directory: oomguard report DIR [--json]", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
     if not (run_dir / "run.json").exists():
         typer.echo(f"oomguard: error: {run_dir}: no run.json; pass a run directory", err=True)
         raise typer.Exit(int(ExitCode.USAGE))
     try:
-        text = render_text(summarize(run_dir))
+        text = json.dumps(report_document(run_dir), indent=2) if as_json else render_text(summarize(run_dir))
     except OomguardError as exc:
         _fail(exc)
-    typer.echo("\n" + text, err=True)
+    typer.echo(text)
 
 
 @app.command(context_settings=PASSTHROUGH)

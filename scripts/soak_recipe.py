@@ -54,9 +54,15 @@ def soak_policy(hang_timeout_s: float) -> dict:
 
 
 def plan(max_steps: int, seed: int = 0) -> list[tuple[str, int]]:
-    """(kind, step) for each fault: distinct steps spread over the run, in a shuffled order."""
-    kinds = list(MIX)
-    random.Random(seed).shuffle(kinds)
+    """(kind, step) for each fault: distinct steps spread over the run, in a shuffled order. A
+    resume_oom fires at the first resume past its step, so each lies in the first two thirds (a
+    later fault makes the resume that fires it; one planned at the end never fired in run 1)."""
+    rng = random.Random(seed)
+    others = [k for k in MIX if k != "resume_oom"]
+    rng.shuffle(others)
+    kinds = list(others)
+    for _ in range(MIX.count("resume_oom")):
+        kinds.insert(rng.randrange(0, 2 * len(MIX) // 3), "resume_oom")
     steps = sorted(random.Random(seed + 1).sample(range(3, max_steps - 1), len(kinds)))
     return list(zip(kinds, steps))
 

@@ -19,7 +19,7 @@ from oomguard.guard.heartbeat import HeartbeatCallback
 from oomguard.guard.journal import Journal
 from oomguard.guard.monitor import MemoryMonitorCallback
 from oomguard.guard.nan import NanGuardCallback
-from oomguard.guard.observe import RecipeCallback
+from oomguard.guard.in_force import RecipeCallback
 from oomguard.guard.phase import PhaseTrackerCallback
 from oomguard.guard.pressure import PressureCheckpointCallback
 from oomguard.guard.profile import DataProfileCallback

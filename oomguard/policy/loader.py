@@ -159,6 +159,34 @@ def load_all_shipped() -> list[Policy]:
     return [load_policy(p) for p in shipped_policy_paths().values()]
 
 
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+# pydantic writes a bound of a union-typed field (``Number``: int | float) under its own Field name
+_BOUND_KEYWORDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+_NON_STANDARD = ("discriminator",)  # OpenAPI's; the ``oneOf`` of ``const`` ops already decides
+
+
 def policy_json_schema() -> dict[str, Any]:
-    """JSON Schema of a policy file (editors complete policy files from it)."""
-    return Policy.model_json_schema()
+    """JSON Schema (draft 2020-12) of a policy file: editors complete policy files from it, and a standard
+    validator rejects what ``oomguard policy validate`` rejects for a bound or a type. Only standard
+    keywords: pydantic's leaked ``ge``/``gt``/``le``/``lt`` become ``minimum``/``exclusiveMinimum``/
+    ``maximum``/``exclusiveMaximum``."""
+    schema = _standard_keywords(Policy.model_json_schema())
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
+
+
+def _standard_keywords(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_standard_keywords(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("properties", "$defs", "patternProperties", "dependentSchemas"):  # maps of names to schemas
+            out[key] = {name: _standard_keywords(sub) for name, sub in value.items()}
+        elif key in ("default", "const", "enum", "examples"):  # values, not schemas
+            out[key] = value
+        elif key in _NON_STANDARD:
+            continue
+        else:
+            out[_BOUND_KEYWORDS.get(key, key)] = _standard_keywords(value)
+    return out

@@ -8,6 +8,7 @@ one a user sees in the file, and an unknown key can list the allowed ones.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from typing import Any, Iterable
@@ -62,7 +63,7 @@ def _describe(err: dict[str, Any], parent: type[BaseModel] | None) -> tuple[str,
     if kind == "missing":
         return f"missing required key {key!r}; add it", ""
     if kind == "union_tag_invalid":
-        return f"unknown op {ctx.get('tag')!r}", f"one of {ctx.get('expected_tags')}"
+        return f"unknown op {ctx.get('tag')!r}", f"one of {_plain_tags(ctx.get('expected_tags'))}"
     if kind == "union_tag_not_found":
         return "a rung needs an 'op' key", "op: scale, set, step_down, halve_batch or quantile_step"
     if kind in _BOUNDS:
@@ -73,6 +74,13 @@ def _describe(err: dict[str, Any], parent: type[BaseModel] | None) -> tuple[str,
     if kind in _TYPE_WORDS:
         return "wrong type", _TYPE_WORDS[kind]
     return err["msg"], ""
+
+
+def _plain_tags(expected: Any) -> str:
+    """Pydantic's ``<RungOp.SCALE: 'scale'>, <RungOp.SET: 'set'>`` as ``'scale', 'set'`` (what a file holds)."""
+    text = re.sub(r"<\w+(?:\.\w+)+: ('[^']*')>", r"\1", str(expected))
+    head, sep, last = text.rpartition(", ")
+    return f"{head} or {last}" if sep and " or " not in text else text
 
 
 def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:

@@ -7,6 +7,7 @@ Built from ``run.json`` and ``events.jsonl`` only, so ``oomguard report DIR`` on
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ class Recovery:
     resumed_from: str | None
     steps_redone: int | None  # completed steps the resume point is behind the failure
     seconds_to_next_step: float | None  # failure -> next completed optimizer step
+    truncation_share: float | None = None  # share of training tokens beyond the new max_seq_length
+    changes: tuple[dict[str, Any], ...] = ()  # the decision's {knob, old, new}
+    rung: dict[str, Any] | None = None  # {ladder, index} of the rung taken
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,7 @@ class RunSummary:
     checks: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> the latest verdict on its change
     not_applied: tuple[str, ...] = ()  # one line per change the child did not show
     problems: tuple[str, ...] = ()  # what is wrong with the run's files (skipped journal lines, a bad decision)
+    failures: int = 0  # attempts that ended in a failure
 
 
 def _step_of(path: str | None) -> int | None:
@@ -62,12 +67,39 @@ def _first_step_after(events: list[dict[str, Any]], t: float) -> float | None:
     return None
 
 
+def where_text(step: Any) -> str:
+    """A failure's ``step`` is the last completed optimizer step: "after step 3", or, with none
+    completed (or none known), "before the first optimizer step"."""
+    return f"after step {step}" if isinstance(step, int) and not isinstance(step, bool) else \
+        "before the first optimizer step"
+
+
 def _failure_text(failure: dict[str, Any] | None, world_size: int) -> str | None:
-    """"rank 1: cuda_oom at step 3: <detail>" — the failing rank first when several processes ran."""
+    """"rank 1: cuda_oom after step 3: <detail>" — the failing rank first when several processes ran."""
     if not failure:
         return None
-    text = f"{failure['kind']} at step {failure.get('step')}: {failure.get('detail', '')}"
+    text = f"{failure.get('kind', '?')} {where_text(failure.get('step'))}"
+    detail = str(failure.get("detail") or "").strip()
+    text += f": {detail}" if detail else ""
     return f"rank {failure.get('rank', 0)}: {text}" if world_size > 1 else text
+
+
+_HEAD = re.compile(r"^((?:rank \d+: )?)([^:]*)")
+
+
+def plain_steps(text: str) -> str:
+    """One wording for a failure's step in texts written elsewhere (run.json's root cause, a decision's
+    reason): "at step N" -> "after step N", "at step None" -> "before the first optimizer step".
+    Only the head (before the first ": ") is touched: the child's own message stays as it was."""
+    def fix(m: re.Match) -> str:
+        head = re.sub(r"\bat step None(?: \(unknown\))?", "before the first optimizer step", m.group(2))
+        head = re.sub(r"\bat step (\d+)", r"after step \1", head)
+        return m.group(1) + head.replace(" (unknown)", "")
+    return _HEAD.sub(fix, text, count=1)
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recovery]:
@@ -82,7 +114,10 @@ def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recov
         redone = (f["step"] - ck) if isinstance(f.get("step"), int) and ck is not None else None
         out.append(Recovery(attempt=a["n"], kind=f.get("kind", "?"), step=f.get("step"), phase=f.get("phase", "unknown"),
                             reason=d.get("reason", ""), resumed_from=resumed, steps_redone=redone,
-                            seconds_to_next_step=_first_step_after(events, a.get("ended") or 0)))
+                            seconds_to_next_step=_first_step_after(events, a.get("ended") or 0),
+                            truncation_share=d.get("truncation_share"),
+                            changes=tuple(c for c in d.get("changes") or () if isinstance(c, dict)),
+                            rung=d.get("rung")))
     return out
 
 
@@ -116,10 +151,19 @@ def _read_events(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
 MAX_PROBLEM_LINES = 10
 
 
-def summarize(run_dir: str | Path) -> RunSummary:
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """run.json, the usable journal lines, and every problem found in either (RunDirError when fatal)."""
     run_dir = Path(run_dir)
     run, problems = _read_run(run_dir)
     events, skipped_lines = _read_events(run_dir)
+    return run, events, problems + skipped_lines
+
+
+def summarize(run_dir: str | Path) -> RunSummary:
+    return summarize_loaded(*load_run(run_dir))
+
+
+def summarize_loaded(run: dict[str, Any], events: list[dict[str, Any]], problems: list[str]) -> RunSummary:
     attempts = run.get("attempts", [])
     steps = [a.get("max_step") for a in attempts if isinstance(a.get("max_step"), int)]
     end = run.get("ended") or run.get("updated") or run.get("started", 0)
@@ -136,7 +180,8 @@ def summarize(run_dir: str | Path) -> RunSummary:
                       final=run.get("config", {}), world_size=run.get("world_size", 1),
                       recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
                       skipped_checkpoints=skipped, requested_source=run.get("requested_source", "command"),
-                      checks=checks, not_applied=missed, problems=tuple(problems + skipped_lines))
+                      checks=checks, not_applied=missed, problems=tuple(problems),
+                      failures=sum(1 for a in attempts if a.get("failure")))
 
 
 def _knob_lines(s: RunSummary) -> list[str]:
@@ -162,22 +207,29 @@ def _mark(requested: Any, final: Any, check: str | None) -> str:
     return "  (changed)" if check == "verified" else "  (not verified in the child)"
 
 
+def has_root_cause(s: RunSummary) -> bool:
+    """A run that succeeded with no failure has no root cause, whatever a stale field says."""
+    return bool(s.root_cause and s.root_cause.strip()) and not (s.status == "succeeded" and s.failures == 0)
+
+
 def render_text(s: RunSummary) -> str:
     head = {"succeeded": "finished", "gave_up": "GAVE UP", "failed": "FAILED", "interrupted": "was interrupted",
             "running": "is still running (or its supervisor died)"}.get(s.status, s.status)
-    lines = [f"oomguard: run {head} after {s.attempts} attempt(s), {len(s.recoveries)} recovery(ies), "
+    lines = [f"oomguard: run {head} after {plural(s.attempts, 'attempt')}, "
+             f"{plural(len(s.recoveries), 'recovery', 'recoveries')}, "
              f"{s.wall_s:.0f} s; last step {s.final_step if s.final_step is not None else '-'}; "
              f"exit code {s.exit_code}"]
-    if s.root_cause:
+    if has_root_cause(s):
         # one line: the child's detail can run on (the full text is in run.json / error.json)
-        lines.append(f"root cause: {s.root_cause.strip().splitlines()[0]}")
+        lines.append(f"root cause: {plain_steps(s.root_cause.strip().splitlines()[0])}")
     for r in s.recoveries:
         cost = []
         if r.steps_redone is not None:
-            cost.append(f"{r.steps_redone} step(s) redone")
+            cost.append(f"{plural(r.steps_redone, 'step')} redone")
         if r.seconds_to_next_step is not None:
             cost.append(f"{r.seconds_to_next_step:.1f} s to the next step")
-        lines.append(f"  recovery after attempt {r.attempt}: {r.reason}" + (f" [cost: {', '.join(cost)}]" if cost else ""))
+        lines.append(f"  recovery after attempt {r.attempt}: {plain_steps(r.reason)}"
+                     + (f" [cost: {', '.join(cost)}]" if cost else ""))
     for path in s.skipped_checkpoints:
         lines.append(f"  skipped incomplete checkpoint (kept on disk): {path}")
     for line in s.not_applied:

@@ -37,7 +37,7 @@ def test_genuine_oom_under_a_vram_cap_recovers(tmp_path, record):
     run_dir = tmp_path / "run"
     r = supervised(run_dir, ["--packing", "--max_seq_length", "2048", "--per_device_train_batch_size", "16",
                              "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1"],
-                   "--vram-limit", str(limit))
+                   "--vram-limit", f"{limit}B")  # bytes, said so: a bare number is refused
     assert (run_dir / "run.json").exists(), r.stderr[-3000:]
     run = json.loads((run_dir / "run.json").read_text())
     record(probe=probed, cap=cap, limit=limit, attempts=run["attempts"], final=run["config"],

@@ -36,7 +36,7 @@ def test_demo_exits_0_and_prints_the_summary_root_cause_first(demo):
     assert r.returncode == 0, r.stderr[-4000:]
     summary = r.stderr[r.stderr.rindex("oomguard: run finished"):]
     lines = summary.splitlines()
-    assert lines[1].startswith("root cause: cuda_oom at step 6")
+    assert lines[1].startswith("root cause: cuda_oom after step 6")
     assert "requested (as the child ran it) → final:" in summary and "effective batch" in summary
     # only changes the child showed are listed as made
     assert "(changed)" in summary and "not verified" not in summary and "not applied" not in summary

@@ -79,7 +79,7 @@ def test_oom_on_rank_1_stops_both_ranks_and_resumes_both_with_the_new_knobs(tmp_
     ended = of(events, "attempt_ended", 1)[0]
     assert ended["root_cause"] == "rank 1: cuda_oom at step 2"
     assert [(r["rank"], r["symptom"]) for r in ended["ranks"]] == [(1, False), (0, True)]
-    assert "root cause: rank 1: cuda_oom at step 2" in proc.stderr
+    assert "root cause: rank 1: cuda_oom after step 2" in proc.stderr
     # both ranks stopped: each wrote its record; the launcher's whole tree is gone
     assert sorted(p.name for p in (run_dir / "attempts" / "001").glob("error*.json")) == [
         "error.json", "error.rank1.json"]

@@ -164,8 +164,8 @@ def test_wrong_typed_journal_lines_are_skipped_and_named(tmp_path):
         f.write(f'{{"time": {time.time()}, "event": "step", "step": "x", "source": "child"}}\n')
     r = run("report", str(rd))
     assert r.returncode == 0, r.stderr
-    assert "time 'yesterday' is not a number" in r.stderr and "step 'x' is not an integer" in r.stderr
-    assert "events.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert "time 'yesterday' is not a number" in r.stdout and "step 'x' is not an integer" in r.stdout
+    assert "events.jsonl" in r.stdout and "Traceback" not in r.stderr
     again = start(rd, "--max_steps", "2", "--output_dir", str(tmp_path / "out"))
     assert again.returncode == 0, again.stderr
 
@@ -190,7 +190,7 @@ def test_unknown_ladder_in_a_saved_decision(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "attempts[0].decision.rung.ladder: unknown ladder 'meteor'" in r.stderr and "Traceback" not in r.stderr
     rep = run("report", str(rd))
-    assert rep.returncode == 0 and "unknown ladder 'meteor'" in rep.stderr, rep.stderr
+    assert rep.returncode == 0 and "unknown ladder 'meteor'" in rep.stdout, rep.stderr
 
 
 # --- 19: secrets ---------------------------------------------------------------------------------

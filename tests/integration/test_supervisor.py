@@ -141,3 +141,26 @@ def test_dry_run_prints_command_and_starts_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "policy: test-fast" in r.stdout and "--per_device_train_batch_size 3" in r.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_start_from_policy_orders_the_policys_knobs_where_the_command_has_no_flag(tmp_path):
+    """Opt-in only: attempt 1 gets the policy's knobs in-process except what the command states; the
+    journal names them as the policy's (run_started.policy_orders), and requested is what the child ran."""
+    data = yaml.safe_load(POLICY.read_text())
+    data["knobs"].update(gradient_accumulation_steps=4, max_seq_length=256)  # the fake child's: 1 and 512
+    pol = tmp_path / "start.yaml"
+    pol.write_text(yaml.safe_dump(data))
+    r = oomguard(tmp_path / "run", "--per_device_train_batch_size", "3", "--max_steps", "2", policy=pol,
+                 extra=("--start-from-policy",))
+    assert r.returncode == 0, r.stderr
+    run = run_json(tmp_path / "run")
+    first = run["attempts"][0]
+    assert first["command"] == run["command"]  # no flag is appended or rewritten
+    assert "per_device_train_batch_size" not in first["orders"] and first["orders"]["max_seq_length"] == 256
+    assert (run["requested"]["per_device_train_batch_size"], run["requested"]["gradient_accumulation_steps"],
+            run["requested"]["max_seq_length"]) == (3, 4, 256)
+    started = next(e for e in events(tmp_path / "run") if e["event"] == "run_started")
+    assert started["policy_orders"] == first["orders"]
+    plain = oomguard(tmp_path / "plain", "--per_device_train_batch_size", "3", "--max_steps", "2", policy=pol)
+    assert plain.returncode == 0 and run_json(tmp_path / "plain")["attempts"][0]["orders"] == {}
+    assert run_json(tmp_path / "plain")["requested"]["gradient_accumulation_steps"] == 1  # the command's own
