@@ -79,19 +79,25 @@ def faults_armed(environ: Mapping[str, str], alive: Callable[[int], bool] | None
         return None
     if not raw.isdigit() or int(raw) <= 0:
         return f"{protocol.ENV_SUPERVISOR_PID}={raw!r} is not a process id"
-    if not (alive or _pid_alive)(int(raw)):
+    if not (alive or process_alive)(int(raw)):
         return f"the supervisor (pid {raw}) that set it is gone"
     return None
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, under another user
-    return True
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): kill(0) is all we know
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
 
 
 def _text(environ: Mapping[str, str], name: str) -> str | None:

@@ -24,25 +24,11 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from oomguard import protocol
+from oomguard.guard.env import process_alive
 from oomguard.guard.journal import Journal
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 CHECK_EVERY_S = 1.0  # seconds between checks that the supervisor is alive
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (dead, not yet reaped) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (not Linux): kill(0) is all we know
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _supervisor_pid() -> int | None:
