@@ -28,7 +28,7 @@ def usable_checkpoints(journal: Journal) -> list[CheckpointScan]:
     """This run's complete checkpoints, newest first. Another run's (defect 3: an output dir that
     already held someone's newer ``checkpoint-50``) are reported once and left untouched."""
     events = journal.events()
-    is_own = own_test(journal)
+    is_own = own_test(journal, events)
     own: list[CheckpointScan] = []
     for scan in scan_checkpoints(checkpoint_dir(journal)):
         if is_own(scan):
@@ -94,9 +94,9 @@ def _move_aside(journal: Journal, bad: CheckpointScan) -> None:
     journal.event("checkpoint_moved_aside", path=str(bad.path), step=bad.step, moved_to=str(moved))
 
 
-def own_test(journal: Journal):
+def own_test(journal: Journal, events: list[dict[str, Any]] | None = None):
     """``scan -> bool``: whether this run wrote (or was told to use) a checkpoint (see usable_checkpoints)."""
-    named = _named_checkpoints(journal, journal.events())
+    named = _named_checkpoints(journal, journal.events() if events is None else events)
     return lambda scan: _resolved(scan.path) in named or written_since(scan, journal.record.started)
 
 

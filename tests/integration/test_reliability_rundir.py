@@ -137,17 +137,21 @@ def test_unusable_run_dir_is_refused_before_start(tmp_path, make, expected):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
+def mounted_tmpfs(mnt: Path, options: str, why_needed: str):
+    """Mount a tmpfs with ``options`` at ``mnt`` for one test (CI runs as root); skip with the reason
+    where mounting is not allowed."""
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here ({r.stderr.strip() or r.returncode}); {why_needed}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.fixture
 def readonly_dir(tmp_path):
     """A really read-only dir (root ignores chmod): a tmpfs mounted ``ro``."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or r.returncode}); "
-                    "chmod alone does not stop root's writes")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    yield from mounted_tmpfs(tmp_path / "ro", "ro,size=1m", "chmod alone does not stop root's writes")
 
 
 def test_read_only_run_dir_is_refused_before_start(readonly_dir):
@@ -270,13 +274,7 @@ def test_bad_options_exit_2(tmp_path, make, expected):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 4 MiB tmpfs: a run dir that fills up mid-run."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the full-disk test needs one")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from mounted_tmpfs(tmp_path / "tiny", "size=4m", "the full-disk test needs one")
 
 
 def test_a_run_dir_that_fills_mid_run_ends_failed_with_the_cause_not_a_traceback(tiny_disk):
