@@ -377,3 +377,21 @@ STAGE_IN_FORCE = "in_force"
 EVENT_CHANGE_VERIFIED = "change_verified"  # supervisor: an ordered change shows in the child (knob, expected, observed)
 EVENT_CHANGE_NOT_APPLIED = "change_not_applied"  # supervisor: it does not (knob, expected, observed, why)
 ENV_OBSERVE = "OOMGUARD_OBSERVE"  # comma list of policy-declared knob names the child reports too
+
+# --- one vocabulary (issue 14) ---------------------------------------------------------------
+ENV_RESUME_MODE = "OOMGUARD_RESUME_MODE"  # a ResumeMode value, decided by policy.decide(); "" = normal
+
+
+class ResumeMode(str, enum.Enum):
+    """How the child loads the checkpoint it resumes from (the supervisor's decision)."""
+
+    NORMAL = "normal"
+    OPTIMIZER_ON_CPU = "optimizer_on_cpu"  # after a resume_oom: map the optimizer state to CPU first
+
+
+# The guard's per-step events: one ``step`` per completed optimizer step (fields: step = global_step
+# now completed, max_steps, epoch, attempt; rank added by the writer), one ``trainer_log`` per
+# Trainer ``on_log`` (fields: step, logs = {name: number} as the trainer logged them: loss,
+# learning_rate, grad_norm, ...).
+EVENT_STEP = "step"
+EVENT_TRAINER_LOG = "trainer_log"
