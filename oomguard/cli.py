@@ -86,46 +86,109 @@ def _print_summary(run_dir: Path) -> None:
 
 @app.command(context_settings=RUN_ARGS, options_metavar="[OPTIONS] -- COMMAND...")
 def run(ctx: typer.Context,
-        policy: Optional[str] = typer.Option(None, help="Shipped policy name or a policy file; default: chosen for this GPU."),
+        policy: Optional[str] = typer.Option(None, help="Shipped policy name or a policy file; "
+                                             "default: chosen for this GPU."),
         run_dir: Optional[Path] = typer.Option(None, help="Run directory (new, empty, or an earlier run to continue)."),
         vram_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB."),
         inject: Optional[str] = typer.Option(None, help="Faults for the child, e.g. 'cuda_oom@step=5;nan@step=9'."),
-        checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the child writes checkpoint-N (default: its --output_dir)."),
-        start_from_policy: bool = typer.Option(False, help="Attempt 1 takes the policy's knobs where the command sets no flag (default: the command as written)."),
+        checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the child writes checkpoint-N "
+                                                      "(default: its --output_dir)."),
+        start_from_policy: bool = typer.Option(False, help="Attempt 1 takes the policy's knobs where the command sets "
+                                               "no flag (default: the command as written)."),
         dry_run: bool = typer.Option(False, help="Print policy, knobs and the first command line; start nothing."),
-        quiet: bool = typer.Option(False, help="Do not echo the child's output (it is still logged)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not echo the child's output (it is still "
+                                   "logged); oomguard's own lines stay."),
+        verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="Show everything the child prints, its tracebacks whole."),
+        notify: Optional[str] = typer.Option(None, metavar="URL", help="POST a JSON message (Slack/Discord/ntfy-"
+                                             "compatible) here when the run ends; the only network oomguard does."),
+        notify_on: str = typer.Option("end", metavar="end|recovery",
+                                      help="With --notify: 'recovery' also posts after each recovery."),
+        on_end: Optional[str] = typer.Option(None, metavar="CMD", help="Run this shell command when the run ends, "
+                                             "the `report --json` document on its stdin."),
+        on_end_timeout: float = typer.Option(300.0, metavar="SECONDS", help="Stop the --on-end command after this."),
         ) -> None:
     """Run COMMAND (after --) under the supervisor.
 
     Options go before COMMAND; everything from COMMAND on (after --) is the command's own, its
     -h/--help included. The end-of-run summary goes to stderr (the child's stdout may be piped).
     """
-    from .supervisor import build_spec, build_command, supervise
-    from .supervisor.spec import policy_knobs
+    from .supervisor import build_spec, supervise
 
     try:
+        told = _notify_spec(notify, notify_on, on_end, on_end_timeout)
         rd = run_dir or _default_run_dir()
+        notifier = _notifier(told, rd)
         command = _command_for(rd, list(ctx.args))
         spec = build_spec(command, policy_arg=policy, run_dir=rd, checkpoint_dir=checkpoint_dir,
-                          vram_limit=vram_limit, inject=inject, echo=not quiet, start_from_policy=start_from_policy)
+                          vram_limit=vram_limit, inject=inject, echo=not quiet, start_from_policy=start_from_policy,
+                          on_recovery=notifier.recovery if notifier and told.on_recovery else None, verbose=verbose)
         if dry_run:
-            built = build_command(spec.command, spec.orders, spec.extra_flags)
-            typer.echo(f"policy: {spec.policy.name} ({getattr(spec.policy, 'source', '')})")
-            typer.echo(f"gpu: {spec.gpu.name if spec.gpu else 'none detected'}")
-            typer.echo(f"policy knobs: {json.dumps(policy_knobs(spec.policy))}")
-            typer.echo(f"knobs the command states as flags: {json.dumps(spec.requested)} "
-                       "(the rest is read in the child when its Trainer is built)")
-            typer.echo(f"attempt 1 orders (set in the child): {json.dumps(spec.orders)}"
-                       + ("  [the policy's, --start-from-policy]" if spec.orders else ""))
-            typer.echo(f"run dir: {spec.run_dir}   checkpoints: {spec.checkpoint_dir or 'where the Trainer saves'}")
-            typer.echo(f"command: {shlex.join(built.argv)}")
+            _print_dry_run(spec)
             return
         typer.echo(f"[oomguard] run dir: {spec.run_dir} · policy {spec.policy.name}", err=True)
         code = supervise(spec)
     except OomguardError as exc:
         _fail(exc)
     _print_summary(spec.run_dir)
+    _tell_end(told, notifier, spec.run_dir, int(code))
     raise typer.Exit(int(code))
+
+
+def _print_dry_run(spec) -> None:
+    from .supervisor import build_command
+    from .supervisor.spec import policy_knobs
+
+    built = build_command(spec.command, spec.orders, spec.extra_flags)
+    typer.echo(f"policy: {spec.policy.name} ({getattr(spec.policy, 'source', '')})")
+    typer.echo(f"gpu: {spec.gpu.name if spec.gpu else 'none detected'}")
+    typer.echo(f"policy knobs: {json.dumps(policy_knobs(spec.policy))}")
+    typer.echo(f"knobs the command states as flags: {json.dumps(spec.requested)} "
+               "(the rest is read in the child when its Trainer is built)")
+    typer.echo(f"attempt 1 orders (set in the child): {json.dumps(spec.orders)}"
+               + ("  [the policy's, --start-from-policy]" if spec.orders else ""))
+    typer.echo(f"run dir: {spec.run_dir}   checkpoints: {spec.checkpoint_dir or 'where the Trainer saves'}")
+    typer.echo(f"command: {shlex.join(built.argv)}")
+
+
+def _notify_spec(url: Optional[str], on: str, on_end: Optional[str], timeout_s: float):
+    """--notify/--notify-on/--on-end checked before anything starts (UsageError: exit 2)."""
+    from .errors import UsageError
+    from .supervisor.notify import NOTIFY_ON, NotifySpec, check_url
+
+    if on not in NOTIFY_ON:
+        raise UsageError(f"--notify-on {on!r}: expected one of {', '.join(NOTIFY_ON)}")
+    if on != "end" and not url:
+        raise UsageError(f"--notify-on {on} needs --notify URL")
+    if timeout_s <= 0:
+        raise UsageError(f"--on-end-timeout {timeout_s:g}: must be a positive number of seconds")
+    if on_end is not None and not on_end.strip():
+        raise UsageError("--on-end: empty command")
+    return NotifySpec(url=check_url(url) if url else None, on_recovery=on == "recovery", on_end=on_end,
+                      on_end_timeout_s=timeout_s)
+
+
+def _notifier(told, run_dir: Path):
+    from .supervisor.notify import Notifier
+
+    return Notifier(told, str(run_dir)) if told.active else None
+
+
+def _tell_end(told, notifier, run_dir: Path, code: int) -> None:
+    """--notify / --on-end after the summary; neither changes the exit code."""
+    if notifier is None:
+        return
+    from .report import report_document
+    from .supervisor.notify import tell_end
+
+    try:
+        doc, why = report_document(run_dir), ""
+    except OomguardError as exc:
+        doc, why = None, str(exc)
+    try:
+        tell_end(told, str(run_dir), code, doc, why_no_doc=why, notifier=notifier)
+    except Exception as exc:  # noqa: BLE001 - telling about the run never changes its outcome
+        typer.echo(f"[oomguard] notification failed: {type(exc).__name__}: {exc}", err=True)
 
 
 @app.command()
@@ -133,6 +196,9 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="A run directory.
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema oomguard.report/1)."),
            json_schema: bool = typer.Option(False, "--json-schema",
                                             help="Print the JSON Schema (draft 2020-12) of --json's document; no DIR."),
+           html: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
+                                               help="Also write one self-contained HTML page (plots, timeline, "
+                                                    "requested → final) to FILE; '-': to stdout instead."),
            ) -> None:
     """Print the summary of a run (finished, interrupted or dead) to stdout."""
     from .report import render_text, report_document, summarize
@@ -142,16 +208,34 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="A run directory.
         typer.echo(json.dumps(REPORT_JSON_SCHEMA, indent=2))
         return
     if run_dir is None:
-        typer.echo("oomguard: error: pass a run directory: oomguard report DIR [--json]", err=True)
+        typer.echo("oomguard: error: pass a run directory: oomguard report DIR [--json] [--html FILE]", err=True)
         raise typer.Exit(int(ExitCode.USAGE))
     if not (run_dir / "run.json").exists():
         typer.echo(f"oomguard: error: {run_dir}: no run.json; pass a run directory", err=True)
         raise typer.Exit(int(ExitCode.USAGE))
     try:
+        if html is not None and _write_html(run_dir, html):
+            return
         text = json.dumps(report_document(run_dir), indent=2) if as_json else render_text(summarize(run_dir))
     except OomguardError as exc:
         _fail(exc)
     typer.echo(text)
+
+
+def _write_html(run_dir: Path, out: Path) -> bool:
+    """Write the HTML report; True when it went to stdout (``-``: nothing else is printed)."""
+    from .report.html import render_run_html, write_html
+
+    if str(out) == "-":
+        typer.echo(render_run_html(run_dir), nl=False)
+        return True
+    try:
+        written = write_html(run_dir, out)
+    except OSError as exc:
+        typer.echo(f"oomguard: error: --html {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
+    typer.echo(f"oomguard: HTML report written to {written}", err=True)
+    return False
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -195,7 +279,8 @@ def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files t
 
 @policy_app.command("show")
 def policy_show(gpu: Optional[str] = typer.Option(None, help="A GPU name, e.g. 'NVIDIA L4' (default: this machine's)."),
-                vram: Optional[float] = typer.Option(None, help="Total memory in GiB (with --gpu, or to emulate a card)."),
+                vram: Optional[float] = typer.Option(None, help="Total memory in GiB (with --gpu, or to emulate "
+                                                     "a card)."),
                 policy: Optional[str] = typer.Option(None, help="Show this policy instead of matching."),
                 ) -> None:
     """Which policy this machine (or a named card) resolves to, fully expanded."""
@@ -213,7 +298,8 @@ def policy_show(gpu: Optional[str] = typer.Option(None, help="A GPU name, e.g. '
             chosen = select_policy(load_all_shipped(), info)
     except OomguardError as exc:
         _fail(exc)
-    typer.echo(f"# gpu: {info.name if info else 'none'} {f'({info.total_gib:g} GiB)' if info and info.total_gib else ''}")
+    size = f"({info.total_gib:g} GiB)" if info and info.total_gib else ""
+    typer.echo(f"# gpu: {info.name if info else 'none'} {size}")
     typer.echo(f"# policy: {chosen.name} from {getattr(chosen, 'source', '?')}")
     typer.echo(yaml.safe_dump(json.loads(chosen.model_dump_json(exclude={'source'})), sort_keys=False))
 

@@ -14,6 +14,11 @@ import dataclasses
 import enum
 from typing import Any, Mapping
 
+__all__ = ["BATCH", "coerce", "CORE", "Delivery", "effective_batch", "EVAL_BATCH", "flag_spellings", "GRAD_ACCUM",
+           "KnobSpec", "LEARNING_RATE", "LORA_ALPHA", "LORA_R", "MAX_GRAD_NORM", "MAX_SEQ_LENGTH", "needs",
+           "NUM_WORKERS", "OUTPUT_DIR_FLAGS", "PRECISION", "PRECISION_BOOL_FIELDS", "precision_of", "PRECISIONS",
+           "Resume", "RESUME_FLAGS", "spec"]
+
 # Knob names (contract, DESIGN §3); protocol re-exports the core ones.
 MAX_SEQ_LENGTH = "max_seq_length"
 BATCH = "per_device_train_batch_size"

@@ -19,7 +19,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import torch  # noqa: E402
 
-from oomguard.guard.vram import measure_context  # noqa: E402
+from oomguard.guard.device.vram import measure_context  # noqa: E402
 from oomguard.recipes.options import resolve_options  # noqa: E402
 from oomguard.recipes.sft import build_trainer  # noqa: E402
 

@@ -17,6 +17,8 @@ from oomguard import protocol
 from oomguard.bootstrap import knobs as knob_map
 from oomguard.bootstrap.switches import Part, Switches
 
+__all__ = ["ArgsRecord", "Context"]
+
 
 @dataclasses.dataclass(frozen=True)
 class ArgsRecord:
@@ -42,17 +44,17 @@ class Context:
     @property
     def journal(self):
         """Rank 0 owns the journal lines; other ranks write nothing (per-rank files stay theirs)."""
-        from oomguard.guard.journal import Journal
+        from oomguard.guard.writer import EventWriter
 
-        return Journal(self.env.run_dir if self.env.rank == 0 else None, self.env.rank)
+        return EventWriter(self.env.run_dir if self.env.rank == 0 else None, self.env.rank)
 
     @property
     def rank_journal(self):
         """Every rank writes here, tagged with its rank: the per-rank banner (``bootstrap_trainer``)
         shows that all ranks of a torchrun/accelerate group run with the same knobs."""
-        from oomguard.guard.journal import Journal
+        from oomguard.guard.writer import EventWriter
 
-        return Journal(self.env.run_dir, self.env.rank)
+        return EventWriter(self.env.run_dir, self.env.rank)
 
     def first_sight(self, obj: Any) -> bool:
         """True the first time ``obj`` (a LoRA config) is seen in this process."""

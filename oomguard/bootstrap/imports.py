@@ -17,6 +17,8 @@ import threading
 from types import ModuleType
 from typing import Callable
 
+__all__ = ["PostImportFinder", "uninstall", "when_imported"]
+
 Hook = Callable[[ModuleType], None]
 
 

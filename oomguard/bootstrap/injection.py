@@ -20,7 +20,10 @@ LAUNCHER_NAMES = ("accelerate", "torchrun", "trl", "deepspeed")
 LAUNCHER_SUFFIXES = ("torch/distributed/run.py", "accelerate/commands/launch.py", "trl/cli/main.py",
                      "trl/cli/__main__.py")
 
+__all__ = ["LAUNCHER_NAMES", "context", "install", "installed", "is_launcher", "lora_built"]
+
 _context = None
+_installed = False
 
 
 def context():
@@ -34,15 +37,28 @@ def context():
 
 
 def install(switches: Switches | None = None) -> bool:
-    """Register the hooks when running under oomguard with the bootstrap on; True if it did."""
+    """Register the hooks when running under oomguard with the bootstrap on; True if they are in place.
+
+    Idempotent: ``sitecustomize`` calls it at start-up; a program started without the bootstrap on its
+    ``PYTHONPATH`` (the built-in recipe run by hand with ``OOMGUARD_*`` set) may call it again first thing.
+    """
+    global _installed
+    if _installed:
+        return True
     switches = switches or Switches.from_env()
     if not switches.patching:
         return False
+    _installed = True
     when_imported("transformers.trainer", _on_trainer_module)
     when_imported("transformers.modeling_utils", _on_modeling_utils)
     when_imported("peft.config", _on_peft_config)
     when_imported("peft.tuners.lora.config", _on_lora_config)
     return True
+
+
+def installed() -> bool:
+    """True once :func:`install` registered the hooks in this process."""
+    return _installed
 
 
 def _on_trainer_module(module: ModuleType) -> None:

@@ -14,6 +14,9 @@ from typing import Any, Mapping
 from oomguard import knobs as registry
 from oomguard import protocol
 
+__all__ = ["apply", "BY_COMMAND", "field_names", "force_off_auto_find_batch_size", "KnobChange", "KnobSkipped",
+           "LORA_KNOBS", "plan", "via", "Via"]
+
 # Knobs that live in the PEFT config, not the arguments (bootstrap/lora.py).
 LORA_KNOBS = (protocol.KNOB_LORA_R, protocol.KNOB_LORA_ALPHA)
 # How the supervisor's command editor says an order reached the command line.

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 from oomguard import knobs as registry
 from oomguard.bootstrap.knobs import BY_COMMAND, LORA_KNOBS, Via
 
+__all__ = ["apply_lora", "lora_values", "patch_lora_config", "patch_peft_config", "PATCHED"]
+
 _loading = contextvars.ContextVar("oomguard_peft_loading", default=False)
 PATCHED = "_oomguard_patched"
 

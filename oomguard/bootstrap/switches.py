@@ -14,6 +14,8 @@ from typing import Mapping
 
 from oomguard import protocol
 
+__all__ = ["OFF_VALUES", "parse_skip", "Part", "Switches"]
+
 OFF_VALUES = ("0", "off", "false", "no")
 
 

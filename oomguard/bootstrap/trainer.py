@@ -2,17 +2,21 @@
 
 - ``__new__`` sees the caller's arguments before any subclass ``__init__`` body runs (TRL's
   ``SFTTrainer`` tokenizes with ``args.max_length`` before it calls ``Trainer.__init__``):
-  knobs, ``auto_find_batch_size`` off and the checkpoint dir go onto ``args`` there;
+  knobs, ``auto_find_batch_size`` off and the checkpoint dir go onto ``args`` there, and the raw
+  ``train_dataset`` is remembered (a packed resume maps its examples, :mod:`oomguard.guard.resume.packed`);
 - ``__init__`` does the same for an arguments object a subclass built itself, then adds the
   guard's callbacks and writes one ``bootstrap_trainer`` event;
 - ``train`` resumes from the supervisor's checkpoint and runs under ``guarded_train``
-  (error record, emergency checkpoint, exit 1), calling the original method inside.
+  (error record, emergency checkpoint, exit 1), calling the original method inside — unless the
+  trainer already runs inside ``guarded_train`` (a script that calls it itself): never guarded twice.
+
+The private internals these patches rely on are listed in :mod:`oomguard.guard.trainer_patches`.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
+import inspect
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,12 +27,24 @@ from oomguard.bootstrap.switches import Part
 if TYPE_CHECKING:  # context imports oomguard.guard, which must wait until the child's code runs
     from oomguard.bootstrap.context import ArgsRecord, Context
 
+__all__ = ["choose_resume", "guarded", "patch_trainer", "raw_train_dataset", "trainer_built"]
+
 PATCHED = "_oomguard_patched"
-IN_TRAIN = "_oomguard_in_train"
 
 
 def _args_of(args: tuple, kwargs: dict) -> Any:
     return kwargs.get("args", args[1] if len(args) > 1 else None)  # Trainer(model, args, ...)
+
+
+def raw_train_dataset(init: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """The ``train_dataset`` a Trainer constructor call passes (by keyword or position), or None. Pure."""
+    if "train_dataset" in kwargs:
+        return kwargs["train_dataset"]
+    try:
+        bound = inspect.signature(init).bind_partial(None, *args, **kwargs)
+    except (TypeError, ValueError):
+        return None  # a subclass signature we cannot bind: the packed resume then says it cannot map
+    return bound.arguments.get("train_dataset")
 
 
 def patch_trainer(module: ModuleType, context: Callable[[], "Context"]) -> None:
@@ -39,8 +55,14 @@ def patch_trainer(module: ModuleType, context: Callable[[], "Context"]) -> None:
     original_init, original_train = cls.__init__, cls.train
 
     def __new__(klass, *args, **kwargs):
-        _prepare(context(), _args_of(args, kwargs), kwargs.get("peft_config"))
-        return object.__new__(klass)
+        ctx = context()
+        _prepare(ctx, _args_of(args, kwargs), kwargs.get("peft_config"))
+        trainer = object.__new__(klass)
+        if ctx.switches.patching:
+            from oomguard.guard.resume.raw_data import remember_raw_dataset
+
+            remember_raw_dataset(trainer, raw_train_dataset(klass.__init__, args, kwargs))
+        return trainer
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
@@ -125,8 +147,10 @@ def choose_resume(code_value: Any, supervisor: str | None, attempt: int) -> tupl
 
 def guarded(ctx: "Context", trainer: Any, original_train, args: tuple, kwargs: dict):
     """``Trainer.train`` under oomguard: the supervisor's checkpoint, the guard's error handling."""
-    if getattr(trainer, IN_TRAIN, False) or not ctx.switches.patching or _inside_guarded_train():
-        return original_train(trainer, *args, **kwargs)  # already guarded (the recipe), or nothing to do
+    from oomguard.guard.train import guarded_train, is_guarded
+
+    if is_guarded(trainer) or not ctx.switches.patching:
+        return original_train(trainer, *args, **kwargs)  # already inside guarded_train, or nothing to do
     code_value = kwargs.pop("resume_from_checkpoint", args[0] if args else None)
     rest = args[1:]
     resume = code_value
@@ -136,28 +160,10 @@ def guarded(ctx: "Context", trainer: Any, original_train, args: tuple, kwargs: d
             ctx.journal.emit("bootstrap_resume", code_value=code_value, used=resume, via=how.value)
     if not ctx.on(Part.CALLBACKS):
         return original_train(trainer, resume, *rest, **kwargs)
-    from oomguard.guard.train import guarded_train
 
     def call(resume_from_checkpoint=None):
         return original_train(trainer, resume_from_checkpoint, *rest, **kwargs)
 
-    setattr(trainer, IN_TRAIN, True)
-    try:
-        # False, not None: guarded_train reads None as "the supervisor's checkpoint"
-        return guarded_train(trainer, env=ctx.env, resume_from_checkpoint=False if resume is None else resume,
-                             train_fn=call)
-    finally:
-        setattr(trainer, IN_TRAIN, False)
-
-
-def _inside_guarded_train() -> bool:
-    """True when the caller is ``oomguard.guard.train`` itself (a script that calls ``guarded_train``
-    directly, like the built-in recipe): guarding twice would prepare the checkpoint twice."""
-    from oomguard.guard import train as guard_train
-
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename == guard_train.__file__:
-            return True
-        frame = frame.f_back
-    return False
+    # False, not None: guarded_train reads None as "the supervisor's checkpoint"
+    return guarded_train(trainer, env=ctx.env, resume_from_checkpoint=False if resume is None else resume,
+                         train_fn=call)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from oomguard import protocol
-from oomguard.protocol import Fault
+from oomguard.protocol import Fault, ResumeMode
+
+__all__ = ["GuardEnv", "faults_armed", "process_alive", "resume_mode"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class GuardEnv:
     rank: int = 0
     world_size: int = 1
     observe: tuple[str, ...] = ()  # knob names to report beyond the registry's (policy-declared)
+    # how to load the checkpoint (the supervisor's decision); None: the supervisor did not say (older one)
+    resume_mode: ResumeMode | None = None
 
     @property
     def active(self) -> bool:
@@ -58,7 +61,20 @@ class GuardEnv:
             rank=_rank(environ),
             world_size=_int(environ, "WORLD_SIZE", default=1, minimum=1),
             observe=tuple(n.strip() for n in environ.get(protocol.ENV_OBSERVE, "").split(",") if n.strip()),
+            resume_mode=resume_mode(environ),
         )
+
+
+def resume_mode(environ: Mapping[str, str]) -> ResumeMode | None:
+    """``OOMGUARD_RESUME_MODE`` as a ResumeMode: "" is normal; None when the variable is absent."""
+    if protocol.ENV_RESUME_MODE not in environ:
+        return None
+    raw = environ[protocol.ENV_RESUME_MODE].strip().lower()
+    try:
+        return ResumeMode(raw) if raw else ResumeMode.NORMAL
+    except ValueError:
+        raise ValueError(f"{protocol.ENV_RESUME_MODE}={raw!r} is not one of "
+                         f"{', '.join(m.value for m in ResumeMode)}; unset it or use one of those") from None
 
 
 def faults_armed(environ: Mapping[str, str], alive: Callable[[int], bool] | None = None) -> str | None:
@@ -112,7 +128,8 @@ def _int(environ: Mapping[str, str], name: str, *, default: int, minimum: int) -
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number >= {minimum} or unset it") from None
+        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number >= {minimum} "
+                         "or unset it") from None
     if value < minimum:
         raise ValueError(f"{name}={value} is below {minimum}; set it to a whole number >= {minimum} or unset it")
     return value
@@ -125,13 +142,4 @@ def _rank(environ: Mapping[str, str]) -> int:
 
 
 def _knobs(raw: str) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{protocol.ENV_KNOBS} is not JSON ({exc}): {raw[:200]!r}; "
-                         "pass a JSON object such as '{\"per_device_train_batch_size\": 2}'") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{protocol.ENV_KNOBS} must be a JSON object, got {type(value).__name__}: {raw[:200]!r}")
-    return value
+    return protocol.parse_orders(raw)

@@ -6,7 +6,7 @@ argument object, the model (PEFT adapters), and, at train begin, from the optimi
 scheduler and the train dataloader HF really uses. It never writes and never raises: a field that
 is missing or odd is an absent knob.
 
-The train-begin report and the LR order made real are in :mod:`oomguard.guard.in_force`.
+The train-begin report and the LR order made real are in :mod:`oomguard.guard.callbacks.in_force`.
 """
 
 from __future__ import annotations
@@ -204,21 +204,8 @@ def _dataloader_batch(dl: Any, args: Any) -> int | None:
 
 
 # --- the observation ------------------------------------------------------------------------
-def observe(trainer: Any = None, *, args: Any = None, model: Any = None, optimizer: Any = None,
-            lr_scheduler: Any = None, train_dataloader: Any = None, stage: str,
-            extra_knobs: Iterable[str] = ()) -> dict[str, Any]:
-    """The recipe the child runs, as a ``recipe_observed`` payload (without attempt/rank).
-
-    Objects not passed are taken from ``trainer`` (``args``, ``model``, ``optimizer``,
-    ``lr_scheduler``, the callback handler's ``train_dataloader``). Reads only; never raises.
-    """
-    if trainer is not None:
-        args = args if args is not None else _none(_get(trainer, "args"))
-        model = model if model is not None else _none(_get(trainer, "model"))
-        optimizer = optimizer if optimizer is not None else _none(_get(trainer, "optimizer"))
-        lr_scheduler = lr_scheduler if lr_scheduler is not None else _none(_get(trainer, "lr_scheduler"))
-        if train_dataloader is None:
-            train_dataloader = _none(_get(_get(trainer, "callback_handler"), "train_dataloader"))
+def _args_knobs(args: Any, extra_knobs: Iterable[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The knobs the arguments object carries (registry fields, then ``extra_knobs``) and their fields."""
     knobs: dict[str, Any] = {}
     fields: dict[str, str] = {}
     names = [k for k in K.REGISTRY if k not in _SKIP_GENERIC]
@@ -238,46 +225,75 @@ def observe(trainer: Any = None, *, args: Any = None, model: Any = None, optimiz
             knobs[K.PRECISION], fields[K.PRECISION] = K.precision_of(bf16, fp16), "bf16/fp16"
     except Exception:
         pass
+    return knobs, fields
+
+
+def _in_force(args: Any, optimizer: Any, lr_scheduler: Any, train_dataloader: Any, knobs: dict[str, Any],
+              fields: dict[str, str]) -> dict[str, Any]:
+    """At train begin: the LR and batch the optimizer and dataloader really use (into ``knobs``);
+    returns the payload's ``current_lr``."""
+    try:
+        lr = base_lr(optimizer, lr_scheduler)
+        if lr is not None:
+            knobs[K.LEARNING_RATE], fields[K.LEARNING_RATE] = lr, FIELD_OPTIMIZER
+    except Exception:
+        pass
+    try:
+        extra = {"current_lr": current_lr(optimizer)}
+    except Exception:
+        extra = {"current_lr": None}
+    try:
+        bs = _dataloader_batch(train_dataloader, args)
+        if bs is not None:
+            knobs[K.BATCH], fields[K.BATCH] = bs, FIELD_DATALOADER
+    except Exception:
+        pass
+    return extra
+
+
+def _output_dir(args: Any) -> str | None:
+    out_dir = _get(args, "output_dir")
+    try:
+        return os.path.abspath(os.fspath(out_dir)) if out_dir not in (None, _MISSING) else None
+    except Exception:
+        return None
+
+
+def observe(trainer: Any = None, *, args: Any = None, model: Any = None, optimizer: Any = None,
+            lr_scheduler: Any = None, train_dataloader: Any = None, stage: str,
+            extra_knobs: Iterable[str] = ()) -> dict[str, Any]:
+    """The recipe the child runs, as a ``recipe_observed`` payload (without attempt/rank).
+
+    Objects not passed are taken from ``trainer`` (``args``, ``model``, ``optimizer``,
+    ``lr_scheduler``, the callback handler's ``train_dataloader``). Reads only; never raises.
+    """
+    if trainer is not None:
+        args = args if args is not None else _none(_get(trainer, "args"))
+        model = model if model is not None else _none(_get(trainer, "model"))
+        optimizer = optimizer if optimizer is not None else _none(_get(trainer, "optimizer"))
+        lr_scheduler = lr_scheduler if lr_scheduler is not None else _none(_get(trainer, "lr_scheduler"))
+        if train_dataloader is None:
+            train_dataloader = _none(_get(_get(trainer, "callback_handler"), "train_dataloader"))
+    knobs, fields = _args_knobs(args, extra_knobs)
     try:
         lora = _read_lora(model, stage, knobs, fields) if model is not None else False
     except Exception:
         lora = False
-    payload_extra: dict[str, Any] = {}
-    if stage == STAGE_IN_FORCE:
-        try:
-            lr = base_lr(optimizer, lr_scheduler)
-            if lr is not None:
-                knobs[K.LEARNING_RATE], fields[K.LEARNING_RATE] = lr, FIELD_OPTIMIZER
-        except Exception:
-            pass
-        try:
-            payload_extra["current_lr"] = current_lr(optimizer)
-        except Exception:
-            payload_extra["current_lr"] = None
-        try:
-            bs = _dataloader_batch(train_dataloader, args)
-            if bs is not None:
-                knobs[K.BATCH], fields[K.BATCH] = bs, FIELD_DATALOADER
-        except Exception:
-            pass
+    payload_extra = _in_force(args, optimizer, lr_scheduler, train_dataloader, knobs, fields) \
+        if stage == STAGE_IN_FORCE else {}
     ws = _number(_get(args, "world_size"))
     world_size = ws if isinstance(ws, int) and ws >= 1 else 1
     try:
         eff = K.effective_batch(knobs, world_size)
     except Exception:
         eff = None
-    out_dir = _get(args, "output_dir")
-    try:
-        output_dir = os.path.abspath(os.fspath(out_dir)) if out_dir not in (None, _MISSING) else None
-    except Exception:
-        output_dir = None
     return {
         "stage": stage,
         "knobs": knobs,
         "fields": fields,
         "effective_batch": eff,
         "world_size": world_size,
-        "output_dir": output_dir,
+        "output_dir": _output_dir(args),
         "trainer": type(trainer).__name__ if trainer is not None else None,
         "args_class": type(args).__name__ if args is not None else None,
         "lr_scheduler_type": _text(_get(args, "lr_scheduler_type")),

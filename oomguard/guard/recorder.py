@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from oomguard import protocol
-from oomguard.guard.nan import NonFiniteLossError
+from oomguard.guard.callbacks.nan import NonFiniteLossError
 from oomguard.protocol import ErrorRecord, FailureKind, Phase
+
+__all__ = ["CaughtFailure", "build_record", "classify_exception", "free_cuda_memory", "is_oom", "write_record"]
 
 # Phases where a GPU OOM has its own kind and its own remedy (DESIGN §4).
 _OOM_KIND_BY_PHASE = {Phase.CHECKPOINT_LOAD: FailureKind.RESUME_OOM, Phase.EVAL: FailureKind.EVAL_OOM}
@@ -21,7 +23,7 @@ def is_oom(exc_type: str, message: str) -> bool:
     return exc_type.endswith("OutOfMemoryError") or protocol.find_oom(message) is not None
 
 
-def classify(exc_type: str, message: str, phase: Phase) -> FailureKind:
+def classify_exception(exc_type: str, message: str, phase: Phase) -> FailureKind:
     """FailureKind of an exception, from its type name, message and the phase it hit. Pure."""
     if exc_type.endswith(NonFiniteLossError.__name__):
         return FailureKind.NAN_LOSS
@@ -31,8 +33,10 @@ def classify(exc_type: str, message: str, phase: Phase) -> FailureKind:
 
 
 @dataclass(frozen=True)
-class Failure:
-    """An exception reduced to text: holding it keeps none of the failed step's tensors alive."""
+class CaughtFailure:
+    """An exception reduced to text: holding it keeps none of the failed step's tensors alive.
+
+    (Not the run record's ``Failure``, which is the supervisor's view of an attempt's end.)"""
 
     exc_type: str
     message: str
@@ -42,12 +46,12 @@ class Failure:
     last_finite_step: int | None = None  # from NonFiniteLossError
 
     @classmethod
-    def capture(cls, exc: BaseException, phase: Phase) -> "Failure":
+    def capture(cls, exc: BaseException, phase: Phase) -> "CaughtFailure":
         exc_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
         text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
         # str(exc) alone misses OOMs wrapped by another exception; search the whole chain.
         message = f"{exc}\n{text}"
-        kind = classify(exc_type, message, phase)
+        kind = classify_exception(exc_type, message, phase)
         return cls(exc_type=exc_type, message=str(exc), traceback=text, phase=phase, kind=kind,
                    last_finite_step=getattr(exc, "last_finite_step", None))
 
@@ -56,7 +60,7 @@ class Failure:
         return self.kind in (FailureKind.CUDA_OOM, FailureKind.RESUME_OOM, FailureKind.EVAL_OOM)
 
 
-def build_record(failure: Failure, *, step: int | None, rank: int, saved_checkpoint: str | None,
+def build_record(failure: CaughtFailure, *, step: int | None, rank: int, saved_checkpoint: str | None,
                  last_finite_step: int | None, memory: dict, note: str = "") -> ErrorRecord:
     detail = f"{failure.exc_type}: {failure.message}".strip()
     if note:
@@ -82,3 +86,4 @@ def free_cuda_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+

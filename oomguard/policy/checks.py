@@ -15,9 +15,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from oomguard.protocol import KNOB_PRECISION, FailureKind
 from oomguard.policy.ladder import apply_rung
-from oomguard.policy.schema import (Capabilities, FlagSpec, HalveBatchRung, Knobs,
+from oomguard.policy.schema import (Capabilities, FlagNames, HalveBatchRung, Knobs,
                                     Ladders, Limits, Match, QuantileStepRung, Rung, ScaleRung,
                                     SetRung, StepDownRung)
+
+__all__ = ["Sections", "check_sections"]
 
 Problem = tuple[str, str]
 
@@ -31,7 +33,7 @@ class Sections:
     capabilities: Capabilities | None = None
     match: Match | None = None
     limits: Limits | None = None
-    flags: dict[str, FlagSpec] | None = None
+    flags: dict[str, FlagNames] | None = None
 
 
 def check_sections(s: Sections) -> list[Problem]:
@@ -168,7 +170,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _flags_problems(flags: dict[str, FlagSpec], start: dict[str, Any]) -> Iterator[Problem]:
+def _flags_problems(flags: dict[str, FlagNames], start: dict[str, Any]) -> Iterator[Problem]:
     for knob, spec in flags.items():
         path = f"flags.{knob}"
         if knob not in start:

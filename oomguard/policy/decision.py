@@ -1,77 +1,113 @@
-"""``decide()``: from the attempt history to the next step. Pure: no clock, no I/O.
+"""``decide()``: from the evidence of a failed attempt to the next step. Pure: no clock, no I/O.
 
-Budgets are checked first (attempts, wall clock, no progress); then each failure kind
-has one handler (DESIGN §4). Rung use counts come from the history's ``rung`` fields.
+Every decision after a failure is made here (DESIGN §4, §10.1): which rung, which checkpoint to
+resume from, which checkpoints to set aside first (written after a NaN, or one the child could not
+load) and how the next child loads its checkpoint (``ResumeMode``). Budgets are checked first
+(attempts, wall clock, no progress); then each failure kind has one handler (:data:`HANDLERS`).
+Rung use counts come from the history's ``rung`` fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Callable, Mapping, Sequence
 
-from oomguard.knobs import needs
-from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind, Phase
-from oomguard.policy.ladder import (apply_rung, effective_batch, ladder_chain, lr_adjustment,
-                                    truncation_share)
-from oomguard.policy.narrative import (describe_cause, describe_changes, describe_checkpoint,
-                                       describe_knobs)
-from oomguard.policy.records import (AttemptView, CheckpointInfo, DataProfile, Decision, Failure,
-                                     GiveUpReason, KnobChange, ResumeClass, RungRef)
-from oomguard.policy.schema import Policy, Rung, SetRung
+from oomguard.knobs import effective_batch
+from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind, Phase, ResumeMode
+from oomguard.policy.ladder import ladder_chain, lr_adjustment, truncation_share
+from oomguard.policy.narrative import describe_cause, describe_changes, describe_checkpoint, describe_knobs
+from oomguard.policy.records import (AttemptView, CheckpointInfo, DataProfile, Decision, DecisionAction,
+                                     DeviceCapabilities, Evidence, Failure, GiveUpReason, KnobChange, ResumeClass,
+                                     RungRef, SetAside, SetAsideReason)
+from oomguard.policy.rungs import Pick, RungChoice, pick_rung
+from oomguard.policy.schema import Policy
+
+__all__ = ["HANDLERS", "decide", "rung_uses"]
 
 
-@dataclass(frozen=True)
-class _Pick:
-    ref: RungRef
-    rung: Rung
-    knobs: dict[str, Any]
-
-
-@dataclass
+@dataclasses.dataclass
 class _Context:
+    """One decide() call: the evidence, the knobs now, and the words so far."""
+
     policy: Policy
-    attempts: Sequence[AttemptView]
-    checkpoints: Sequence[CheckpointInfo]
-    profile: DataProfile | None
-    world_size: int
-    bf16_ok: bool
+    evidence: Evidence
     failure: Failure
     knobs: dict[str, Any]
     cause: str
-    capabilities: Mapping[str, str] | None = None  # knob -> how it reaches the child; None: unrestricted
-    fp16_ok: bool = True
-    skipped: list[str] = field(default_factory=list)  # rungs passed over, with why
+    aside: tuple[SetAside, ...]  # what this decision sets aside, whatever else it decides
+    checkpoints: list[CheckpointInfo]  # complete, and not set aside
+    choice: RungChoice
+
+    @property
+    def attempts(self) -> Sequence[AttemptView]:
+        return self.evidence.attempts
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.choice.skipped
+
+    def pick(self, kind: FailureKind) -> Pick | None:
+        return pick_rung(self.choice, ladder_chain(self.policy, kind))
 
 
-def decide(policy: Policy, attempts: Sequence[AttemptView], checkpoints: Sequence[CheckpointInfo], *,
-           profile: DataProfile | None = None, elapsed_s: float = 0.0, world_size: int = 1,
-           bf16_ok: bool | None = None, fp16_ok: bool = True,
+def decide(policy: Policy, evidence: Evidence | Sequence[AttemptView],
+           checkpoints: Sequence[CheckpointInfo] | None = None, *, profile: DataProfile | None = None,
+           elapsed_s: float = 0.0, world_size: int = 1, bf16_ok: bool | None = None, fp16_ok: bool = True,
            capabilities: Mapping[str, str] | None = None) -> Decision:
-    """What to do after the last attempt in ``attempts`` failed.
+    """What to do after the last attempt of ``evidence`` failed.
 
-    ``capabilities``: knob -> how a change of it reaches the child (observed in the child and
-    its command); a rung on a knob not listed is passed over, saying why. None: every knob.
-    ``fp16_ok``: fp16 mixed precision can run (a CUDA GPU); ``bf16_ok``: bf16 can."""
-    if not attempts or attempts[-1].failure is None:
-        raise ValueError("decide() needs a history whose last attempt failed (got "
-                         f"{'no attempts' if not attempts else 'a last attempt without failure'}); "
-                         "call it only after a failed attempt")
-    failure = attempts[-1].failure
-    ctx = _Context(policy, attempts, checkpoints, profile, world_size,
-                   policy.capabilities.bf16 if bf16_ok is None else bf16_ok,
-                   failure, dict(attempts[-1].knobs), describe_cause(failure, policy.limits),
-                   capabilities=capabilities, fp16_ok=fp16_ok)
-    budget = _budget_give_up(ctx, elapsed_s)
-    if budget is not None:
-        return budget
-    return _HANDLERS[failure.kind](ctx)
+    The supervisor passes an :class:`Evidence`; the short form ``decide(policy, attempts, checkpoints,
+    profile=..., world_size=..., bf16_ok=..., fp16_ok=..., capabilities=...)`` builds one (``capabilities``
+    is ``Evidence.reach``: knob -> how a change reaches the child; a rung on a knob not listed is passed
+    over, saying why; None: every knob)."""
+    if not isinstance(evidence, Evidence):
+        evidence = Evidence(attempts=tuple(evidence), checkpoints=tuple(checkpoints or ()), profile=profile,
+                            device=DeviceCapabilities(bf16=bf16_ok, fp16=fp16_ok), reach=capabilities,
+                            elapsed_s=elapsed_s, world_size=world_size)
+    ctx = _context(policy, evidence)
+    decision = _budget_give_up(ctx) or HANDLERS[ctx.failure.kind](ctx)
+    return dataclasses.replace(decision, quarantine=ctx.aside, resume_mode=_resume_mode(ctx, decision))
+
+
+def _context(policy: Policy, ev: Evidence) -> _Context:
+    failure, knobs = ev.failure, dict(ev.attempts[-1].knobs)
+    aside = _set_aside(ev)
+    gone = {s.path for s in aside}
+    bf16_ok = policy.capabilities.bf16 if ev.device.bf16 is None else ev.device.bf16
+    choice = RungChoice(policy, ev.attempts, knobs, ev.profile, bf16_ok, ev.device.fp16, ev.reach)
+    return _Context(policy, ev, failure, knobs, describe_cause(failure, policy.limits), aside,
+                    [c for c in ev.usable if c.path not in gone], choice)
+
+
+def _set_aside(ev: Evidence) -> tuple[SetAside, ...]:
+    """Checkpoints no resume may start from, moved aside before the next attempt (never deleted):
+    after a NaN, those written after the last finite step (their weights may hold the NaN update);
+    after a crash loading a checkpoint, that checkpoint (damage no scan sees would crash every resume)."""
+    failure, last = ev.failure, ev.attempts[-1]
+    if failure.kind is FailureKind.NAN_LOSS:
+        good = ev.last_finite_step
+        return () if good is None else tuple(
+            SetAside(c.path, c.step, SetAsideReason.AFTER_NAN, good)
+            for c in sorted(ev.checkpoints, key=lambda c: c.step, reverse=True) if c.step > good)
+    if failure.kind is FailureKind.CRASH and failure.phase is Phase.CHECKPOINT_LOAD \
+            and last.resumed_from and last.resumed_step is not None:
+        return (SetAside(last.resumed_from, last.resumed_step, SetAsideReason.UNLOADABLE),)
+    return ()
+
+
+def _resume_mode(ctx: _Context, decision: Decision) -> ResumeMode:
+    """A checkpoint-load OOM is retried with the optimizer state mapped to CPU first (the load spike)."""
+    if ctx.failure.kind is FailureKind.RESUME_OOM and decision.action is DecisionAction.RETRY \
+            and decision.resume_from is not None:
+        return ResumeMode.OPTIMIZER_ON_CPU
+    return ResumeMode.NORMAL
 
 
 # --- budgets ---------------------------------------------------------------------------
-def _budget_give_up(ctx: _Context, elapsed_s: float) -> Decision | None:
-    limits = ctx.policy.limits
+def _budget_give_up(ctx: _Context) -> Decision | None:
+    limits, elapsed_s = ctx.policy.limits, ctx.evidence.elapsed_s
     if len(ctx.attempts) >= limits.max_attempts:
         return _give_up(ctx, GiveUpReason.MAX_ATTEMPTS,
                         f"that was attempt {len(ctx.attempts)} of limits.max_attempts {limits.max_attempts}; "
@@ -111,7 +147,7 @@ def _on_oom(ctx: _Context, kind: FailureKind | None = None) -> Decision:
     if leak is not None:
         return _retry(ctx, None, _newest(ctx.checkpoints), note=leak)
     chain = ladder_chain(ctx.policy, kind or ctx.failure.kind)
-    pick = _pick_rung(ctx, chain)
+    pick = pick_rung(ctx.choice, chain)
     if pick is None:
         names = ", ".join(k.value for k in chain)
         return _give_up(ctx, GiveUpReason.LADDER_EXHAUSTED,
@@ -176,7 +212,7 @@ def _on_nan(ctx: _Context) -> Decision:
            else "the newest checkpoint at or before the last finite step" if back == 0
            else f"NaN again right after a rollback, so {back} checkpoint(s) further back"
            + ("" if ckpt else ": none left, starting from scratch"))
-    pick = _pick_rung(ctx, ladder_chain(ctx.policy, FailureKind.NAN_LOSS))
+    pick = ctx.pick(FailureKind.NAN_LOSS)
     if pick is None:
         return _retry(ctx, None, ckpt, note=f"no nan_loss rung left, retrying with the same knobs "
                       f"(counts toward the no-progress budget); {why}")
@@ -184,7 +220,7 @@ def _on_nan(ctx: _Context) -> Decision:
 
 
 def _on_hang(ctx: _Context) -> Decision:
-    pick = _pick_rung(ctx, ladder_chain(ctx.policy, FailureKind.HANG))
+    pick = ctx.pick(FailureKind.HANG)
     note = None if pick else "resuming with the same knobs (counts toward the no-progress budget)"
     return _retry(ctx, pick, _newest(ctx.checkpoints), note=note)
 
@@ -209,7 +245,7 @@ def _on_crash(ctx: _Context) -> Decision:
                         "giving up (see the attempt's stderr.log)")
     b = limits.backoff
     backoff = float(min(b.max_s, b.initial_s * b.multiplier ** (len(streak) - 1)))
-    pick = _pick_rung(ctx, ladder_chain(ctx.policy, FailureKind.CRASH))
+    pick = ctx.pick(FailureKind.CRASH)
     note = f"crash retry {len(streak)} of {limits.crash_retries} after {backoff:g} s"
     return _retry(ctx, pick, _newest(ctx.checkpoints), note=note, backoff_s=backoff)
 
@@ -227,7 +263,8 @@ def _on_load_failure(ctx: _Context) -> Decision:
     return _retry(ctx, None, ckpt, note=note)
 
 
-_HANDLERS: dict[FailureKind, Callable[[_Context], Decision]] = {
+# One handler per failure kind (a test checks every FailureKind has one, with words and a ladder rule).
+HANDLERS: dict[FailureKind, Callable[[_Context], Decision]] = {
     FailureKind.CUDA_OOM: _on_oom, FailureKind.EVAL_OOM: _on_oom, FailureKind.HOST_OOM: _on_oom,
     FailureKind.RESUME_OOM: _on_resume_oom, FailureKind.NAN_LOSS: _on_nan,
     FailureKind.HANG: _on_hang, FailureKind.CRASH: _on_crash,
@@ -247,92 +284,34 @@ def _same_crash(a: Failure, b: Failure) -> bool:
     return a.detail.strip() == b.detail.strip() and a.step == b.step
 
 
-# --- rungs and decisions --------------------------------------------------------------
-def _pick_rung(ctx: _Context, chain: Sequence[FailureKind]) -> _Pick | None:
-    """The first rung, in chain order, with uses left that changes the knobs."""
-    used = Counter(a.rung for a in ctx.attempts if a.rung is not None)
-    for kind in chain:
-        ladder = ctx.policy.ladders.get(kind)
-        for i, rung in enumerate(ladder.rungs if ladder else ()):
-            ref = RungRef(kind, i)
-            if used[ref] >= rung.max_times:
-                continue
-            why = _cannot_take(ctx, rung)
-            if why:
-                ctx.skipped.append(f"passed over {kind.value} rung {i} ({_rung_words(rung)}): {why}")
-                continue
-            new = apply_rung(rung, ctx.knobs, ctx.profile)
-            if new is None or new == ctx.knobs:
-                continue
-            over = _cut_over_bound(rung, new, ctx.profile)
-            if over is not None:
-                ctx.skipped.append(f"passed over {kind.value} rung {i} (max_seq_length → "
-                                   f"{new[KNOB_MAX_SEQ_LENGTH]}): {over}")
-                continue
-            return _Pick(ref, rung, new)
-    return None
-
-
-def _cannot_take(ctx: _Context, rung: Rung) -> str | None:
-    """Why the child cannot take ``rung`` (Trust rule 2: a rung only on a knob the child can
-    take, a precision only one the device has), or None."""
-    for knob in needs(rung.knob, rung.op.value):
-        if knob not in ctx.knobs:
-            return f"the child's recipe has no {knob} oomguard could observe"
-        if ctx.capabilities is not None and knob not in ctx.capabilities:
-            return (f"the child cannot take a new {knob}: its command has no such flag and no argument "
-                    "object oomguard can set it on, or an earlier change of it did not show in the child")
-    if isinstance(rung, SetRung) and rung.knob == KNOB_PRECISION:
-        if rung.value == "bf16" and not ctx.bf16_ok:
-            return "this device has no bf16 (no CUDA GPU, or compute capability below 8.0)"
-        if rung.value == "fp16" and not ctx.fp16_ok:
-            return "fp16 mixed precision needs a CUDA GPU and none is in use"
-    return None
-
-
-def _rung_words(rung: Rung) -> str:
-    if isinstance(rung, SetRung):
-        return f"{rung.knob} → {rung.value}"
-    return "per_device_train_batch_size ÷ 2" if rung.op.value == "halve_batch" else f"{rung.knob} {rung.op.value}"
-
-
-def _cut_over_bound(rung, new: Mapping[str, Any], profile: DataProfile | None) -> str | None:
-    """Why a bounded quantile_step may not apply (its cut exceeds ``max_token_cut``), or None."""
-    bound = getattr(rung, "max_token_cut", None)
-    if bound is None:
-        return None
-    if profile is None:
-        return f"the training tokens it would cut are unknown (no data profile yet; max_token_cut {bound:.0%})"
-    share = truncation_share(profile, new[KNOB_MAX_SEQ_LENGTH])
-    return None if share <= bound else \
-        f"it would cut {share:.1%} of the training tokens, more than max_token_cut {bound:.0%}"
-
-
-def _retry(ctx: _Context, pick: _Pick | None, ckpt: CheckpointInfo | None, *,
+# --- decisions ------------------------------------------------------------------------
+def _retry(ctx: _Context, pick: Pick | None, ckpt: CheckpointInfo | None, *,
            note: str | None = None, backoff_s: float = 0.0) -> Decision:
     knobs = dict(pick.knobs) if pick else dict(ctx.knobs)
     resume_class = pick.rung.resume if pick else ResumeClass.SAFE
-    before, after = effective_batch(ctx.knobs, ctx.world_size), effective_batch(knobs, ctx.world_size)
+    world = ctx.evidence.world_size
+    before, after = effective_batch(ctx.knobs, world), effective_batch(knobs, world)
     lr_note = None
     if before is not None and after is not None and before != after:
         knobs, lr_note = lr_adjustment(ctx.policy.lr_rule, knobs, before, after)
     changes = tuple(KnobChange(k, ctx.knobs.get(k), v) for k, v in knobs.items() if ctx.knobs.get(k) != v)
     share = None
-    if ctx.profile is not None and any(c.knob == KNOB_MAX_SEQ_LENGTH for c in changes):
-        share = truncation_share(ctx.profile, knobs[KNOB_MAX_SEQ_LENGTH])
+    profile = ctx.evidence.profile
+    if profile is not None and any(c.knob == KNOB_MAX_SEQ_LENGTH for c in changes):
+        share = truncation_share(profile, knobs[KNOB_MAX_SEQ_LENGTH])
     resume_from = None if resume_class is ResumeClass.RESTART or ckpt is None else ckpt.path
-    parts = [describe_changes(changes, before, after, share, lr_note, ctx.profile is not None)
+    parts = [describe_changes(changes, before, after, share, lr_note, profile is not None)
              if changes else None, note, describe_checkpoint(resume_from, resume_class), *ctx.skipped]
     reason = f"{ctx.cause}: " + "; ".join(p for p in parts if p)
     touched = any(c.knob in (KNOB_BATCH, KNOB_GRAD_ACCUM) for c in changes)
-    return Decision("retry", knobs, pick.ref if pick else None, changes, resume_from, resume_class,
+    return Decision(DecisionAction.RETRY, knobs, pick.ref if pick else None, changes, resume_from, resume_class,
                     reason, backoff_s=backoff_s, truncation_share=share,
                     effective_batch=(before, after) if touched else None, lr_note=lr_note)
 
 
 def _give_up(ctx: _Context, why: GiveUpReason, text: str) -> Decision:
     reason = f"{ctx.cause}: " + "; ".join([text, *ctx.skipped])
-    return Decision("give_up", dict(ctx.knobs), None, (), None, None, reason, give_up=why)
+    return Decision(DecisionAction.GIVE_UP, dict(ctx.knobs), None, (), None, None, reason, give_up=why)
 
 
 def _newest(checkpoints: Sequence[CheckpointInfo]) -> CheckpointInfo | None:

@@ -14,12 +14,24 @@ from oomguard.policy.records import DataProfile
 from oomguard.policy.schema import (HalveBatchRung, LrRule, Policy, QuantileStepRung, Rung, ScaleRung,
                                     SetRung, StepDownRung)
 
+__all__ = ["KNOB_LEARNING_RATE", "KNOB_MINIMUM", "LADDER_FALLBACK", "OOM_FALLBACK_KINDS", "OOM_KINDS",
+           "apply_rung", "effective_batch", "ladder_chain", "largest_proper_divisor", "lr_adjustment",
+           "rung_budget", "truncation_share"]
+
 # A declared (not core) knob that lr_rule adjusts when the effective batch changes.
 KNOB_LEARNING_RATE = knobs_registry.LEARNING_RATE
 # Smallest valid value of the core integer knobs (the schema enforces the same).
 KNOB_MINIMUM = {KNOB_MAX_SEQ_LENGTH: 16}
-# OOM kinds without their own ladder fall back to the cuda_oom ladder.
-OOM_FALLBACK_KINDS = (FailureKind.EVAL_OOM, FailureKind.HOST_OOM, FailureKind.RESUME_OOM)
+# The ladder a failure kind climbs when the policy has none of its own: an OOM kind falls back to the
+# cuda_oom ladder (required by the schema); None: no ladder, the handler retries with the same knobs.
+# Every FailureKind has an entry (a test checks it): a new kind must say which.
+LADDER_FALLBACK: dict[FailureKind, FailureKind | None] = {
+    FailureKind.CUDA_OOM: None, FailureKind.EVAL_OOM: FailureKind.CUDA_OOM,
+    FailureKind.HOST_OOM: FailureKind.CUDA_OOM, FailureKind.RESUME_OOM: FailureKind.CUDA_OOM,
+    FailureKind.NAN_LOSS: None, FailureKind.HANG: None, FailureKind.CRASH: None,
+}
+OOM_FALLBACK_KINDS = tuple(k for k, v in LADDER_FALLBACK.items() if v is FailureKind.CUDA_OOM)
+OOM_KINDS = (FailureKind.CUDA_OOM, *OOM_FALLBACK_KINDS)  # out of memory, of any kind: growth is evidence
 
 
 def effective_batch(knobs: Mapping[str, Any], world_size: int = 1) -> int | None:
@@ -148,8 +160,8 @@ def largest_proper_divisor(n: int) -> int:
 def ladder_chain(policy: Policy, kind: FailureKind) -> list[FailureKind]:
     """The ladders tried, in order, for ``kind``: its own, then each ``then:``."""
     start = kind
-    if policy.ladders.get(kind) is None and kind in OOM_FALLBACK_KINDS:
-        start = FailureKind.CUDA_OOM
+    if policy.ladders.get(kind) is None and LADDER_FALLBACK[kind] is not None:
+        start = LADDER_FALLBACK[kind]
     chain: list[FailureKind] = []
     current: FailureKind | None = start
     while current is not None and current not in chain:

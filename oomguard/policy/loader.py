@@ -19,13 +19,16 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from oomguard.errors import PolicyError
 from oomguard.policy.checks import Sections, check_sections
 from oomguard.policy.problems import Problem, format_lines, pydantic_problems, yaml_problem
-from oomguard.policy.schema import (Capabilities, FlagSpec, Knobs, Ladders, Limits, Match,
+from oomguard.policy.schema import (Capabilities, FlagNames, Knobs, Ladders, Limits, Match,
                                     Policy)
+
+__all__ = ["JSON_SCHEMA_DIALECT", "MAX_POLICY_BYTES", "load_all_shipped", "load_policy", "load_policy_arg",
+           "parse_policy", "policy_json_schema", "shipped_policy_paths"]
 
 _FLOAT = re.compile(r"""^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$""")
 _SECTIONS: dict[str, Any] = {"knobs": Knobs, "ladders": Ladders, "capabilities": Capabilities,
                              "match": Match, "limits": Limits,
-                             "flags": TypeAdapter(dict[str, FlagSpec])}
+                             "flags": TypeAdapter(dict[str, FlagNames])}
 
 
 class _Loader(yaml.SafeLoader):

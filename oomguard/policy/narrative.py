@@ -9,7 +9,10 @@ from oomguard.protocol import CORE_KNOBS, KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_
 from oomguard.policy.records import Failure, KnobChange, ResumeClass
 from oomguard.policy.schema import Limits
 
-_KIND_WORDS = {
+__all__ = ["KIND_WORDS", "describe_cause", "describe_changes", "describe_checkpoint", "describe_knobs"]
+
+# What each failure kind is called in a decision (a test checks every FailureKind has its words).
+KIND_WORDS = {
     FailureKind.CUDA_OOM: "CUDA OOM",
     FailureKind.RESUME_OOM: "CUDA OOM while loading the checkpoint",
     FailureKind.EVAL_OOM: "CUDA OOM during evaluation",
@@ -20,7 +23,8 @@ _KIND_WORDS = {
 }
 _RESUME_WORDS = {
     ResumeClass.SAFE: "",
-    ResumeClass.REINDEX: " (same samples per step, so the data position is exact; with packing the journal flags it inexact)",
+    ResumeClass.REINDEX: (" (same samples per step, so the data position is exact; with packing the journal flags "
+                          "it inexact)"),
     ResumeClass.TRANSFORM: " (checkpoint transformed to the new setting, e.g. LoRA rank cut by SVD)",
     ResumeClass.NUMERIC: " (numerically different from here on)",
 }
@@ -28,7 +32,7 @@ _RESUME_WORDS = {
 
 def describe_cause(failure: Failure, limits: Limits) -> str:
     """'CUDA OOM at step 37 (forward_backward)' and the like."""
-    words = _KIND_WORDS[failure.kind]
+    words = KIND_WORDS[failure.kind]
     if failure.kind is FailureKind.HANG:
         words = f"no heartbeat for {limits.hang_timeout_s:g} s (hang)"
     if failure.step is None:

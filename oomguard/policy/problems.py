@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
+__all__ = ["Problem", "REMOVED_FLAG_KEYS", "format_lines", "pydantic_problems", "yaml_problem"]
+
 Problem = tuple[str, str]
 
 _TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",

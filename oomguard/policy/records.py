@@ -1,57 +1,23 @@
 """The records ``decide()`` reads and writes: plain frozen dataclasses and str enums.
 
-The supervisor builds these from ``run.json`` and the child's error record; nothing
-here touches a file, a clock or a process.
+What the run record holds (a failure, a rung, a decision) is the run record's own type
+(``oomguard.protocol.run_record``), re-exported here; what only ``decide()`` reads is defined here,
+with :class:`Evidence`: everything known after a failed attempt, gathered once by the supervisor.
+Nothing here touches a file, a clock or a process.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping, Sequence
 
-from oomguard.protocol import FailureKind, Phase
+from oomguard.protocol import ErrorRecord, ResumeMode
+from oomguard.protocol.run_record import (Decision, DecisionAction, Failure, GiveUpReason, KnobChange, ResumeClass,
+                                          RungRef, SetAside, SetAsideReason)
 
-
-class ResumeClass(str, enum.Enum):
-    """How a knob change affects resuming from a checkpoint (DESIGN §5)."""
-
-    SAFE = "safe"  # effective batch, LR schedule and data position stay exact
-    REINDEX = "reindex"  # data position must be translated (samples seen, not batches)
-    TRANSFORM = "transform"  # checkpoint must be converted (LoRA rank cut by SVD)
-    NUMERIC = "numeric"  # resumes, but numerics differ (precision, learning rate)
-    RESTART = "restart"  # the checkpoint cannot be used: start from scratch
-
-
-class GiveUpReason(str, enum.Enum):
-    LADDER_EXHAUSTED = "ladder_exhausted"
-    NO_PROGRESS = "no_progress"
-    MAX_ATTEMPTS = "max_attempts"
-    WALL_CLOCK = "wall_clock"
-    UNRECOVERABLE = "unrecoverable"
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why an attempt ended. ``step`` is the last completed optimizer step (None: none);
-    ``memory_growth`` the steady growth of step peaks (bytes/step) the child saw before it
-    failed, None when memory was flat."""
-
-    kind: FailureKind
-    step: int | None = None
-    phase: Phase = Phase.UNKNOWN
-    detail: str = ""
-    rank: int = 0
-    memory_growth: float | None = None
-    usage: bool = False  # the command's own argument parser rejected it before any step (deterministic)
-
-
-@dataclass(frozen=True)
-class RungRef:
-    """A rung's position: ``policy.ladders[ladder].rungs[index]``."""
-
-    ladder: FailureKind
-    index: int
+__all__ = ["AttemptView", "CheckpointInfo", "DataProfile", "Decision", "DecisionAction", "DeviceCapabilities",
+           "Evidence", "Failure", "GiveUpReason", "KnobChange", "ResumeClass", "ResumeMode", "RungRef", "SetAside",
+           "SetAsideReason"]
 
 
 @dataclass(frozen=True)
@@ -71,14 +37,17 @@ class AttemptView:
     failure: Failure | None
     max_step: int | None
     resumed_step: int | None = None
+    resumed_from: str | None = None  # the checkpoint it resumed from (None: a fresh start)
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete checkpoint directory and the optimizer step it holds."""
+    """One of this run's checkpoint directories and the optimizer step it holds; ``complete``: every
+    file a resume reads is there and sound (only complete ones are resumed from)."""
 
     path: str
     step: int
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,26 +72,58 @@ class DataProfile:
             )
 
 
-@dataclass(frozen=True)
-class KnobChange:
-    knob: str
-    old: Any
-    new: Any
 
 
 @dataclass(frozen=True)
-class Decision:
-    """What the supervisor does next; ``reason`` is one sentence, root cause first."""
+class DeviceCapabilities:
+    """What the device can train in. ``bf16`` None: unknown (the policy's ``capabilities.bf16``
+    stands); ``fp16``: fp16 mixed precision can run (a CUDA GPU)."""
 
-    action: Literal["retry", "give_up"]
-    knobs: dict[str, Any]
-    rung: RungRef | None
-    changes: tuple[KnobChange, ...]
-    resume_from: str | None
-    resume_class: ResumeClass | None
-    reason: str
-    give_up: GiveUpReason | None = None
-    backoff_s: float = 0.0  # seconds to wait before the next attempt
-    truncation_share: float | None = None  # share of training tokens the new max_seq_length cuts
-    effective_batch: tuple[int | None, int | None] | None = None  # (before, after): batch*accum*world_size
-    lr_note: str | None = None  # set when the effective batch changes
+    bf16: bool | None = None
+    fp16: bool = True
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything ``decide()`` weighs after a failed attempt, gathered once by the supervisor.
+
+    ``attempts``: the history, the last one failed; ``checkpoints``: this run's own checkpoints,
+    complete or not (another run's are not evidence); ``ranks``: every rank's error record of the
+    last attempt, root cause first; ``profile``: the training set's lengths; ``observed``: the recipe
+    the child reported in force (``recipe_observed``); ``reach``: knob -> how a change reaches the
+    child (None: every knob); ``elapsed_s``: wall clock since the run started."""
+
+    attempts: Sequence[AttemptView]
+    checkpoints: Sequence[CheckpointInfo] = ()
+    ranks: Sequence[ErrorRecord] = ()
+    profile: DataProfile | None = None
+    observed: Mapping[str, Any] | None = None
+    device: DeviceCapabilities = DeviceCapabilities()
+    reach: Mapping[str, str] | None = None
+    elapsed_s: float = 0.0
+    world_size: int = 1
+
+    @property
+    def failure(self) -> Failure:
+        """The last attempt's failure (ValueError, saying how to call, when there is none)."""
+        if not self.attempts or self.attempts[-1].failure is None:
+            raise ValueError("decide() needs a history whose last attempt failed (got "
+                             f"{'no attempts' if not self.attempts else 'a last attempt without failure'}); "
+                             "call it only after a failed attempt")
+        return self.attempts[-1].failure
+
+    @property
+    def growth(self) -> float | None:
+        """Bytes/step the child's memory grew before it failed (any OOM kind); None: flat or unknown."""
+        return self.failure.memory_growth
+
+    @property
+    def usable(self) -> list[CheckpointInfo]:
+        """The complete checkpoints: the only ones a resume may start from."""
+        return [c for c in self.checkpoints if c.complete]
+
+    @property
+    def last_finite_step(self) -> int | None:
+        """The newest step every rank saw finite (the lowest any rank recorded), else the failure's step."""
+        finite = [r.last_finite_step for r in self.ranks if r.last_finite_step is not None]
+        return min(finite) if finite else self.failure.step

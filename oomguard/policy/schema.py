@@ -17,6 +17,10 @@ from oomguard.protocol import (KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_LORA_ALPHA, KNO
                                KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind)
 from oomguard.policy.records import ResumeClass
 
+__all__ = ["Backoff", "CORE_KNOB_ORDER", "Capabilities", "FlagNames", "FlagSpec", "HalveBatchRung", "KnobValue",
+           "Knobs", "Ladder", "Ladders", "Limits", "LrRule", "Match", "MemoryRange", "Number", "Policy", "Precision",
+           "QuantileStepRung", "Rung", "RungOp", "ScaleRung", "SetRung", "StepDownRung"]
+
 KnobValue = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 Number = Union[StrictInt, StrictFloat]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -168,7 +172,7 @@ class Limits(_Strict):
     nan_skip_steps: Annotated[StrictInt, Field(ge=0)] = 0
 
 
-class FlagSpec(_Strict):
+class FlagNames(_Strict):
     """Extra spellings of one knob on the child's command line, beyond the registry's
     (``oomguard/knobs.py``): ``names`` are found and edited in place where the command has
     them. oomguard never appends a flag (Trust rule 1), so there is no ``append``."""
@@ -185,7 +189,7 @@ class Policy(_Strict):
     ladders: Ladders
     lr_rule: LrRule = LrRule.KEEP
     limits: Limits = Field(default_factory=Limits)
-    flags: dict[str, FlagSpec] = Field(default_factory=dict, description=(
+    flags: dict[str, FlagNames] = Field(default_factory=dict, description=(
         "knob -> {names: [extra CLI spellings]}; the registry knows the HF/TRL/common ones"))
     _source: str = PrivateAttr(default="")
 
@@ -198,6 +202,8 @@ class Policy(_Strict):
         """The starting recipe as a plain dict (core knobs first, then declared ones)."""
         return self.knobs.model_dump()
 
+
+FlagSpec = FlagNames  # the former name (a knob's registry entry is ``knobs.KnobSpec``)
 
 CORE_KNOB_ORDER = (KNOB_MAX_SEQ_LENGTH, KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_LORA_R,
                    KNOB_LORA_ALPHA, KNOB_PRECISION)

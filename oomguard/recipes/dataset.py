@@ -12,6 +12,8 @@ from pathlib import Path
 
 from oomguard.errors import UsageError
 
+__all__ = ["DatasetSourceError", "FILE_BUILDERS", "FORMATS", "load_sft_dataset"]
+
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # column sets TRL understands, in the order we look for them
 FORMATS = (("messages",), ("prompt", "completion"), ("text",))

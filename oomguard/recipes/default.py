@@ -20,6 +20,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+__all__ = ["build_model", "build_tokenizer", "BUILD_VERSION", "cache_root", "CHAT_TEMPLATE", "CONFIG_FILE",
+           "DATASET_FILE", "default_dataset_path", "ensure_default_model", "ENV_CACHE", "SHIPPED_DIR", "shipped_hash",
+           "SPECIAL_TOKENS", "WEIGHT_SEED"]
+
 SHIPPED_DIR = Path(__file__).with_name("default")
 CONFIG_FILE = SHIPPED_DIR / "config.json"
 DATASET_FILE = SHIPPED_DIR / "sft.jsonl"

@@ -18,6 +18,8 @@ import json
 import random
 from pathlib import Path
 
+__all__ = ["generate_examples", "LONG_SHARE", "N_EXAMPLES", "render_jsonl", "SEED", "write_examples"]
+
 SEED = 20240611
 N_EXAMPLES = 360
 LONG_SHARE = 1 / 6  # share of examples that chain many facts (hundreds of tokens)

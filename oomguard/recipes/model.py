@@ -16,6 +16,9 @@ import torch
 
 from oomguard.recipes.options import RecipeOptions
 
+__all__ = ["attach_lora", "count_4bit_layers", "Device", "DTYPES", "load_base_model", "load_tokenizer", "lora_config",
+           "pick_device", "prepare_quantized", "quantization_config", "trainable_to_fp32"]
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

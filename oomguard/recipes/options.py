@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any, Mapping
 
 from oomguard import protocol
 from oomguard.errors import UsageError
+
+__all__ = ["apply_environment", "build_parser", "coerce", "DEFAULT_OUTPUT_DIR", "DEFAULT_TARGET_MODULES",
+           "RecipeOptions", "resolve_options", "SCHEDULERS"]
 
 DEFAULT_OUTPUT_DIR = "oomguard-sft"
 SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
@@ -155,13 +157,7 @@ def _supervisor_chose_resume(environ: Mapping[str, str]) -> bool:
 
 
 def _knobs_from(environ: Mapping[str, str]) -> dict[str, Any]:
-    raw = environ.get(protocol.ENV_KNOBS, "")
-    if not raw.strip():
-        return {}
     try:
-        knobs = json.loads(raw)
+        return protocol.parse_orders(environ.get(protocol.ENV_KNOBS, ""))
     except ValueError as exc:
-        raise UsageError(f"{protocol.ENV_KNOBS}={raw!r} is not JSON ({exc}); it must be a JSON object") from None
-    if not isinstance(knobs, dict):
-        raise UsageError(f"{protocol.ENV_KNOBS}={raw!r} is not a JSON object of knob -> value")
-    return knobs
+        raise UsageError(str(exc)) from None

@@ -4,9 +4,16 @@
 activation checkpointing, paged AdamW 32-bit, ``max_grad_norm`` 0.3, TRL
 ``SFTTrainer``. Every knob is a flag; under ``oomguard run`` the supervisor's
 ``OOMGUARD_KNOBS`` / ``OOMGUARD_CHECKPOINT_DIR`` / ``OOMGUARD_RESUME_FROM`` override
-them (see :mod:`oomguard.recipes.options`). Checkpoints are written every
-``--save_steps`` and none are deleted unless ``--save_total_limit`` is given: the
-supervisor rolls back past a NaN to an older checkpoint.
+them (see :mod:`oomguard.recipes.options`).
+
+The recipe is guarded exactly like a user's script: it builds a plain ``SFTTrainer`` and calls
+``trainer.train()``; the bootstrap (``oomguard.bootstrap``) patches ``Trainer`` and does the rest
+(callbacks, error record, emergency checkpoint, VRAM cap, the raw dataset for a packed resume).
+Under ``oomguard run`` the bootstrap is already installed by ``sitecustomize``; started by hand with
+``OOMGUARD_RUN_DIR`` set, the recipe installs the same hooks itself. Outside oomguard nothing is patched.
+
+Checkpoints are written every ``--save_steps`` and none are deleted unless ``--save_total_limit`` is
+given: the supervisor rolls back past a NaN to an older checkpoint.
 
 Without CUDA the same 4-bit path runs on CPU (bitsandbytes supports NF4 there);
 what fell back (optimizer, precision) is printed on one line.
@@ -20,8 +27,11 @@ import os
 import sys
 import warnings
 
+from oomguard import protocol
 from oomguard.errors import OomguardError, UsageError
 from oomguard.recipes.options import RecipeOptions, resolve_options
+
+__all__ = ["build_trainer", "main", "sft_config", "train", "warmup_steps"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,47 +50,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(options: RecipeOptions) -> int:
-    """Load, train under the guard (unless --no_guard), save the final adapter; 0 on success."""
-    guard, guard_env = _load_guard(options), None
-    if guard is not None:
-        guard.apply_allocator_defaults()  # before torch touches CUDA
-        guard_env = guard.GuardEnv.from_env()
-        guard.apply_vram_limit(guard_env.vram_limit, device=_local_rank(), run_dir=guard_env.run_dir,
-                               rank=guard_env.rank)  # before the model loads
-    trainer, resume = build_trainer(options, guard=guard, guard_env=guard_env)
-    if guard is not None:
-        guard.guarded_train(trainer, env=guard_env, resume_from_checkpoint=resume)
-    else:
-        trainer.train(resume_from_checkpoint=resume)
+    """Load, train (guarded by the bootstrap under oomguard), save the final adapter; 0 on success."""
+    _under_bootstrap(options)
+    from oomguard.guard.device.allocator import apply_allocator_defaults
+
+    apply_allocator_defaults()  # before torch touches CUDA (the bootstrap does it too; a default either way)
+    trainer, resume = build_trainer(options)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(trainer.args.output_dir)  # the final adapter beside the checkpoints
     return 0
 
 
-GUARD_API = ("GuardEnv", "apply_allocator_defaults", "apply_vram_limit", "guard_callbacks", "guarded_train")
+def _under_bootstrap(options: RecipeOptions) -> None:
+    """The bootstrap's hooks, as any wrapped script has them (a no-op outside oomguard or when in place).
 
-
-def _load_guard(options: RecipeOptions):
-    """The in-child guard module, or None with --no_guard (or, with a warning, when it is unusable)."""
+    ``--no_guard`` keeps the guard's callbacks and train wrapper off (``OOMGUARD_BOOTSTRAP_SKIP`` gains
+    ``callbacks``); knobs, LoRA and the supervisor's checkpoint still reach the recipe.
+    """
     if options.no_guard:
-        return None
+        skip = os.environ.get(protocol.ENV_BOOTSTRAP_SKIP, "")
+        os.environ[protocol.ENV_BOOTSTRAP_SKIP] = ",".join(filter(None, (skip, "callbacks")))
     try:
-        import oomguard.guard as guard
+        from oomguard.bootstrap.injection import install
     except ImportError as exc:
-        print(f"oomguard sft: WARNING: the in-child guard failed to import ({exc}); training unguarded",
-              file=sys.stderr)
-        return None
-    missing = [name for name in GUARD_API if not hasattr(guard, name)]
-    if missing:
-        print(f"oomguard sft: WARNING: oomguard.guard lacks {missing}; training unguarded", file=sys.stderr)
-        return None
-    return guard
+        print(f"oomguard sft: WARNING: the bootstrap failed to import ({exc}); training unguarded", file=sys.stderr)
+        return
+    install()
 
 
-def build_trainer(options: RecipeOptions, *, guard=None, guard_env=None):
+def build_trainer(options: RecipeOptions):
     """The ready ``SFTTrainer`` and the checkpoint to resume from (or None)."""
     from trl import SFTTrainer
 
-    from oomguard.recipes import default, model as qlora
+    from oomguard.recipes import default
+    from oomguard.recipes import model as qlora
     from oomguard.recipes.dataset import load_sft_dataset
 
     dataset = load_sft_dataset(options.dataset or default.default_dataset_path())  # bad data fails before loading
@@ -92,15 +95,9 @@ def build_trainer(options: RecipeOptions, *, guard=None, guard_env=None):
     tokenizer = qlora.load_tokenizer(model_path)
     model = qlora.attach_lora(qlora.load_base_model(model_path, options, device, tokenizer), options)
     _print_banner(options, device, model_path, qlora.count_4bit_layers(model))
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(options, device),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=guard.guard_callbacks(guard_env) if guard is not None else None,
-    )
+    trainer = SFTTrainer(model=model, args=sft_config(options, device), train_dataset=dataset,
+                         processing_class=tokenizer)
     qlora.trainable_to_fp32(trainer.model)  # after the trainer: it may have re-cast the model
-    trainer._oomguard_raw_dataset = dataset  # the guard maps examples to re-packed rows (issue 5 case b)
     return trainer, _resume_target(options)
 
 
@@ -165,11 +162,6 @@ def _checkpointing_kwarg(config_class, enabled: bool) -> dict[str, bool]:
     (the old name warns); older 5.x (e.g. 5.17 on the GPU image) knows only the old one."""
     names = {f.name for f in dataclasses.fields(config_class)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
-
-
-def _local_rank() -> int:
-    """This process's GPU under torchrun/accelerate (LOCAL_RANK), else 0."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
 def _resume_target(options: RecipeOptions) -> str | None:

@@ -14,6 +14,9 @@ from typing import Any
 from ..knobs import CORE, effective_batch
 from .summary import RunSummary, has_root_cause, load_run, plain_steps, summarize_loaded
 
+__all__ = ["SCHEMA_ID", "VERIFICATIONS", "build_document", "report_document"]
+
+
 SCHEMA_ID = "oomguard.report/1"
 VERIFICATIONS = ("verified", "not_applied", "unverified")
 
@@ -104,7 +107,8 @@ def build_document(run: dict[str, Any], events: list[dict[str, Any]], problems: 
     eb_req, eb_fin = effective_batch(s.requested, s.world_size), effective_batch(s.final, s.world_size)
     recoveries = [{"attempt": r.attempt, "kind": r.kind, "step": _int(r.step), "phase": r.phase,
                    "reason": plain_steps(r.reason), "rung": _rung(r.rung), "resumed_from": r.resumed_from,
-                   "changes": [{"knob": str(c.get("knob")), "old": c.get("old"), "new": c.get("new")} for c in r.changes],
+                   "changes": [{"knob": str(c.get("knob")), "old": c.get("old"), "new": c.get("new")}
+                               for c in r.changes],
                    "truncation_share": _num(r.truncation_share),
                    "cost": {"steps_redone": r.steps_redone, "seconds_to_next_step": r.seconds_to_next_step}}
                   for r in s.recoveries]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["REPORT_JSON_SCHEMA"]
+
 _NULL = {"type": "null"}
 
 
@@ -42,7 +44,8 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "knobs": {"type": "object", "additionalProperties": {"$ref": "#/$defs/knobValue"},
                   "description": "knob name -> value (max_seq_length, per_device_train_batch_size, lora_r, ...)"},
         "failure": _nullable(_obj({
-            "kind": {"type": "string", "description": "cuda_oom, resume_oom, eval_oom, nan_loss, host_oom, hang, crash"},
+            "kind": {"type": "string",
+                     "description": "cuda_oom, resume_oom, eval_oom, nan_loss, host_oom, hang, crash"},
             "step": {**_STEP, "description": "the last completed optimizer step (null: none completed or unknown)"},
             "phase": {"type": "string", "description": "where in the step it failed; `unknown` when not known"},
             "detail": _STR,
@@ -59,7 +62,8 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "status": {"enum": ["running", "succeeded", "gave_up", "failed", "interrupted"],
                    "description": "running also stands for a run whose supervisor died"},
         "exit_code": _nullable(_INT),
-        "give_up": _nullable({**_STR, "description": "why the supervisor gave up (ladder_exhausted, no_progress, ...)"}),
+        "give_up": _nullable({**_STR,
+                              "description": "why the supervisor gave up (ladder_exhausted, no_progress, ...)"}),
         "root_cause": _nullable(_obj({
             "text": {**_STR, "description": "one line, as the text summary prints it"},
             "full_text": _STR,

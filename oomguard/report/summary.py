@@ -13,8 +13,12 @@ from typing import Any
 
 from ..knobs import CORE, effective_batch
 from ..errors import RunDirError
-from ..protocol import EVENTS_JSONL, RUN_JSON, read_jsonl
+from ..protocol import EVENT_STEP, EVENTS_JSONL, RUN_JSON, read_jsonl
 from ..supervisor.journal import event_problem, read_run_json, record_problems
+
+__all__ = ["Recovery", "RunSummary", "next_step_time", "seconds_to_next_step", "where_text", "plain_steps", "plural",
+           "load_run", "summarize", "summarize_loaded", "has_root_cause", "render_text", "MAX_PROBLEM_LINES"]
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +63,28 @@ def _step_of(path: str | None) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def _first_step_after(events: list[dict[str, Any]], t: float) -> float | None:
-    for e in events:
-        if e.get("source") != "supervisor" and e.get("time", 0) > t and isinstance(e.get("step"), int) \
-                and e.get("event") in ("step", "memory", "heartbeat_step"):
-            return e["time"] - t
-    return None
+def next_step_time(events: list[dict[str, Any]], attempt: dict[str, Any] | None, since: float) -> float | None:
+    """When ``attempt`` (a run.json attempt) completed its first optimizer step after ``since``: the time of
+    its first ``step`` event (any rank), or None when it made none. An event names its attempt; one
+    without that field counts by time from the attempt's start."""
+    if not attempt:
+        return None
+    n, started = attempt.get("n"), attempt.get("started") or since
+    times = [e["time"] for e in events
+             if e.get("event") == EVENT_STEP and isinstance(e.get("time"), (int, float)) and e["time"] > since
+             and (e.get("attempt") == n if isinstance(e.get("attempt"), int) else e["time"] >= started)]
+    return min(times, default=None)
+
+
+def seconds_to_next_step(events: list[dict[str, Any]], failed: dict[str, Any],
+                         nxt: dict[str, Any] | None) -> float | None:
+    """A recovery's cost in time: from the failure (the failed attempt's end, as the supervisor saw it)
+    to the next attempt's first completed optimizer step (its first ``step`` event)."""
+    failed_at = failed.get("ended")
+    if not isinstance(failed_at, (int, float)):
+        return None
+    at = next_step_time(events, nxt, failed_at)
+    return at - failed_at if at is not None else None
 
 
 def where_text(step: Any) -> str:
@@ -112,9 +132,10 @@ def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recov
         resumed = nxt.get("resumed_from") if nxt else d.get("resume_from")
         ck = _step_of(resumed)
         redone = (f["step"] - ck) if isinstance(f.get("step"), int) and ck is not None else None
-        out.append(Recovery(attempt=a["n"], kind=f.get("kind", "?"), step=f.get("step"), phase=f.get("phase", "unknown"),
+        out.append(Recovery(attempt=a["n"], kind=f.get("kind", "?"), step=f.get("step"),
+                            phase=f.get("phase", "unknown"),
                             reason=d.get("reason", ""), resumed_from=resumed, steps_redone=redone,
-                            seconds_to_next_step=_first_step_after(events, a.get("ended") or 0),
+                            seconds_to_next_step=seconds_to_next_step(events, a, nxt),
                             truncation_share=d.get("truncation_share"),
                             changes=tuple(c for c in d.get("changes") or () if isinstance(c, dict)),
                             rung=d.get("rung")))

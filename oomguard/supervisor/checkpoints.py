@@ -26,7 +26,12 @@ from typing import Any, Callable
 
 from ..protocol import CKPT_TRAINER_STATE, CKPT_TRAINING_ARGS, read_error_records
 
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+__all__ = ["ADAPTER_CONFIG", "CheckpointScan", "MTIME_SLACK_S", "QUARANTINE_DIR", "Quarantined", "TORCH_FILES",
+           "TRAINING_STATE_FILES", "WEIGHT_FILES", "checkpoint_step", "inspect_checkpoint", "move_aside",
+           "move_aside_incomplete", "quarantine_after", "quarantine_after_nan", "quarantine_checkpoint",
+           "safetensors_problem", "scan_checkpoints", "torch_file_problem", "written_since"]
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")  # HF's PREFIX_CHECKPOINT_DIR-<global_step>
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin",
                 "pytorch_model.bin", "model.safetensors.index.json")
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
@@ -122,13 +127,17 @@ def _file_problems(path: Path, weights: list[Path]) -> list[str]:
 
 
 def checkpoint_step(path: str | Path | None) -> int | None:
-    """The step in a ``checkpoint-N`` folder name (None: no checkpoint, or another name)."""
+    """The step in a ``checkpoint-N`` folder name (None: no checkpoint, or another name). The one
+    reading of a checkpoint's step on the supervisor side; ``trainer_state.json`` must agree with it
+    (:func:`inspect_checkpoint` reports a mismatch as a problem)."""
     m = _CKPT_RE.match(Path(path).name) if path else None
     return int(m.group(1)) if m else None
 
 
 def inspect_checkpoint(path: Path) -> CheckpointScan:
-    step = int(_CKPT_RE.match(path.name).group(1))  # type: ignore[union-attr]
+    step = checkpoint_step(path)
+    if step is None:
+        raise ValueError(f"{path} is not a checkpoint-N folder; pass one that scan_checkpoints found")
     problems: list[str] = []
     warnings: list[str] = []
     state_file = path / CKPT_TRAINER_STATE
@@ -159,7 +168,7 @@ def scan_checkpoints(directory: str | Path | None) -> list[CheckpointScan]:
     if not directory or not Path(directory).is_dir():
         return []
     found = [inspect_checkpoint(p) for p in Path(directory).iterdir()
-             if p.is_dir() and _CKPT_RE.match(p.name)]
+             if p.is_dir() and checkpoint_step(p) is not None]
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
@@ -180,10 +189,15 @@ def quarantine_after(directory: str | Path | None, last_good_step: int,
     for scan in scan_checkpoints(directory):
         if scan.step <= last_good_step or (own is not None and not own(scan)):
             continue
-        target = _quarantine_target(Path(directory), scan.path.name)  # type: ignore[arg-type]
-        scan.path.rename(target)
-        moved.append(Quarantined(step=scan.step, path=scan.path, moved_to=target))
+        moved.append(Quarantined(step=scan.step, path=scan.path, moved_to=quarantine_checkpoint(scan.path)))
     return moved
+
+
+def quarantine_checkpoint(path: Path) -> Path:
+    """Move checkpoint ``path`` to ``<its dir>/quarantine/<name>`` (a free name); OSError on failure."""
+    target = _quarantine_target(path.parent, path.name)
+    path.rename(target)
+    return target
 
 
 def _quarantine_target(directory: Path, name: str) -> Path:
@@ -233,6 +247,8 @@ def quarantine_after_nan(directory: str | Path | None, error_file: Path, failed_
                          emit: Callable[..., Any], own: Callable[[CheckpointScan], bool] | None = None
                          ) -> list[Quarantined]:
     """After a nan_loss attempt: quarantine checkpoints newer than the last finite step, one event each.
+    (The loop does not call this: ``policy.decide()`` names the checkpoints in ``Decision.quarantine``
+    and ``resume_point.set_aside`` moves them; this stays for direct callers, with the same rule.)
 
     The last finite step is the lowest any rank recorded (``last_finite_step``), else the
     failure's step; with neither, nothing is known to be bad and nothing moves.

@@ -5,8 +5,8 @@ earliest rank's that is not a peer-lost symptom, ``ranks.root_record``; it wins 
 our hang kill), our own hang kill, a SIGKILL while host memory was near full (of the child,
 or of the worker a launcher names as its first failure), an OOM message in stderr, a
 peer-lost record, then anything else is a crash. An OOM line in stderr counts only when the
-last exception the child printed is that OOM (``final_oom``): a caught one earlier does not. A crash that is a full disk (or a file
-size or quota limit) says so first: no rung helps, freeing space does.
+last exception the child printed is that OOM (``final_oom``): a caught one earlier does not. A crash
+that is a full disk (or a file size or quota limit) says so first: no rung helps, freeing space does.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ import re
 import signal as _signal
 from typing import Sequence
 
-from ..policy import Failure
 from ..protocol import ErrorRecord, FailureKind, Phase, find_oom
+from ..protocol.run_record import Failure
 from .process import ChildOutcome
 from .ranks import first_failed_worker, heartbeat_note, peer_lost, root_record
+
+__all__ = ["DISK_FULL_PATTERNS", "DISK_FULL_PREFIX", "TRACEBACK_HEADER", "USAGE_EXIT_CODE", "classify",
+           "classify_outcome", "final_exception", "final_oom", "find_disk_full", "find_usage_error"]
 
 
 # What a write to a full disk looks like from Python (OSError), safetensors (Rust io error)
@@ -126,7 +129,8 @@ def _last_line(text: str) -> str:
 def _crash_detail(outcome: ChildOutcome) -> str:
     tail = _last_line(outcome.stderr_tail)
     if outcome.signal is not None:
-        name = _signal.Signals(outcome.signal).name if outcome.signal in _signal.Signals._value2member_map_ else outcome.signal
+        known = outcome.signal in _signal.Signals._value2member_map_
+        name = _signal.Signals(outcome.signal).name if known else outcome.signal
         return f"killed by {name}" + (f"; last stderr line: {tail}" if tail else "")
     return tail or f"exit code {outcome.exit_code} with no stderr"
 
@@ -135,9 +139,11 @@ def _from_record(rec: ErrorRecord) -> Failure:
     return Failure(kind=rec.kind, step=rec.step, phase=rec.phase, detail=rec.detail[:500], rank=rec.rank)
 
 
-def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_percent: float,
-             last_step: int | None = None) -> Failure | None:
-    """None when the child succeeded. ``last_step``: the newest step seen (heartbeat/checkpoints)."""
+def classify_outcome(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_percent: float,
+                     last_step: int | None = None) -> Failure | None:
+    """How a child ended, as a Failure; None when it succeeded. ``last_step``: the newest step seen
+    (heartbeat/checkpoints). (The child classifies an exception with ``guard``'s own rule; this one
+    reads what the child left: its records, exit code, signal and stderr.)"""
     if outcome.exit_code == 0 and not outcome.hung:
         return None
     root = root_record(records)
@@ -166,3 +172,6 @@ def classify(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, host_oom_
     detail = _crash_detail(outcome) if worker is None else f"{worker.describe()}; {_crash_detail(outcome)}"
     crash = Failure(kind=FailureKind.CRASH, step=last_step, rank=rank, detail=detail[:800])
     return _disk_full(crash, outcome.stderr_tail)
+
+
+classify = classify_outcome  # the former name

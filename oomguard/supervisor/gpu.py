@@ -7,6 +7,8 @@ from typing import Iterable
 
 from ..policy import GpuInfo
 
+__all__ = ["GIB", "detect_gpu", "emulated_gpu", "wait_gpu_released"]
+
 GIB = 2**30
 
 

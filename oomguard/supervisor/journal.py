@@ -1,12 +1,12 @@
 """The run directory's state: ``run.json`` (rewritten atomically) and ``events.jsonl``.
 
 DESIGN §3 is the contract. Everything a morning reader needs is here; the console
-summary is rendered from it (``oomguard.report``), never from in-memory state.
+summary is rendered from it (``oomguard.report``), never from in-memory state. The record's
+types are the protocol's (``oomguard.protocol.run_record``), re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import numbers
@@ -21,74 +21,14 @@ import psutil
 
 from ..errors import RunDirError
 from ..protocol import (ATTEMPTS_DIR, EVENTS_JSONL, HEARTBEAT, LOCK_FILE, POLICY_COPY, RUN_JSON, SECRET_MASK,
-                        FailureKind, RunStatus, atomic_write_json, emit_event, read_jsonl, redact,
-                        redact_argv, secret_values)
+                        RunStatus, atomic_write_json, emit_event, read_jsonl, redact, redact_argv, secret_values)
+from ..protocol.run_record import AttemptRecord, RunRecord, record_problems
+
+__all__ = ["AttemptRecord", "DIR_MODE", "FILE_MODE", "Journal", "RunLock", "RunRecord", "check_not_in_use",
+           "command_text", "event_problem", "holder_alive", "load_record", "masked_secrets", "read_run_json",
+           "record_problems", "remember_command", "supervisor_identity"]
 
 FILE_MODE, DIR_MODE = 0o600, 0o700  # the run dir holds commands, logs and tracebacks: owner only, any umask
-
-
-@dataclasses.dataclass
-class AttemptRecord:
-    n: int
-    started: float
-    knobs: dict[str, Any]
-    rung: dict[str, Any] | None = None  # {"ladder": kind, "index": i} applied before this attempt
-    resumed_from: str | None = None
-    command: list[str] = dataclasses.field(default_factory=list)
-    delivered: dict[str, str] = dataclasses.field(default_factory=dict)
-    ended: float | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-    failure: dict[str, Any] | None = None  # {kind, step, phase, detail, rank}
-    max_step: int | None = None
-    decision: dict[str, Any] | None = None  # what the supervisor decided after it
-    pid: int | None = None  # the child's pid = its process group (it leads its own session)
-    pid_started: float | None = None  # the child's start time, seconds since the epoch (pid reuse check)
-    interrupted: str | None = None  # why it ended without a verdict: "SIGTERM", "SIGINT", "supervisor died"
-    orders: dict[str, Any] = dataclasses.field(default_factory=dict)  # what OOMGUARD_KNOBS asked the child to set
-    observed: dict[str, Any] | None = None  # the child's recipe_observed payload (in force, else as built)
-    verified: dict[str, str] = dataclasses.field(default_factory=dict)  # ordered knob -> verified|not_applied|unverified
-    resumed_step: int | None = None  # the step of resumed_from
-
-
-@dataclasses.dataclass
-class RunRecord:
-    status: str
-    command: list[str]
-    policy: str
-    policy_file: str
-    requested: dict[str, Any]  # what attempt 1 really ran, as the child reported it (else its flags)
-    config: dict[str, Any]  # the knobs now
-    checkpoint_dir: str  # where the child's Trainer saves ("" until known)
-    world_size: int = 1
-    gpu: dict[str, Any] | None = None
-    vram_limit: str | None = None
-    inject: str | None = None
-    started: float = dataclasses.field(default_factory=time.time)
-    updated: float = dataclasses.field(default_factory=time.time)
-    ended: float | None = None
-    exit_code: int | None = None
-    give_up: str | None = None
-    root_cause: str | None = None
-    attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)
-    requested_source: str = "command"  # "observed": read in the child; "command": only its flags are known
-    orders: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the next attempt asks the child to set
-    capabilities: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> how a change reaches the child
-    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # knob -> why a change of it cannot land
-    start_from_policy: bool = False
-    supervisor: dict[str, Any] | None = None  # {pid, started}: who holds the run now (RunLock checks it)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        anames = {f.name for f in dataclasses.fields(AttemptRecord)}
-        kw["attempts"] = [AttemptRecord(**{k: v for k, v in a.items() if k in anames})
-                          for a in d.get("attempts", [])]
-        return cls(**kw)
 
 
 class Journal:
@@ -120,7 +60,7 @@ class Journal:
         atomic_write_json(self.run_dir / RUN_JSON, redact(self.record.to_dict(), self._secrets()))
         self._secure()
 
-    def event(self, name: str, **fields: Any) -> None:
+    def event(self, name: str, **fields: Any) -> None:  # name: a protocol.Event (a str enum)
         emit_event(self.run_dir, name, source="supervisor", **redact(fields, self._secrets()))
 
     def events(self) -> list[dict[str, Any]]:
@@ -129,7 +69,7 @@ class Journal:
         return [e for e in read_jsonl(self.events_path) if event_problem(e) is None]
 
     def set_status(self, status: RunStatus) -> None:
-        self.record.status = status.value
+        self.record.status = status
         self.save()
 
     def _secure(self) -> None:
@@ -179,62 +119,6 @@ def event_problem(e: dict[str, Any]) -> str | None:
         if e.get(key) is not None and not _is_int(e[key]):
             return f"{key} {e[key]!r} is not an integer"
     return None
-
-
-def _attempt_problems(i: int, a: Any) -> list[tuple[str, str, bool]]:
-    """(where, problem, fatal) for one attempt; a bad saved decision only stops a continuation."""
-    where = f"attempts[{i}]"
-    if not isinstance(a, dict):
-        return [(where, f"is {type(a).__name__}, expected an object", True)]
-    out = [(f"{where}.{k}", f"{a.get(k)!r} is not {what}", True) for k, test, what in (
-        ("n", _is_int, "an integer"), ("started", _is_number, "a number"))
-        if not test(a.get(k))]
-    out += [(f"{where}.{k}", f"{a[k]!r} is not {what}", True) for k, test, what in (
-        ("ended", _is_number, "a number"), ("max_step", _is_int, "an integer"))
-        if a.get(k) is not None and not test(a[k])]
-    out += [(f"{where}.{k}", f"{a[k]!r} is not {what}", True) for k, kind, what in (
-        ("failure", dict, "an object"), ("decision", dict, "an object"), ("knobs", dict, "an object"),
-        ("command", list, "a list")) if a.get(k) is not None and not isinstance(a[k], kind)]
-    if isinstance(a.get("failure"), dict) and not isinstance(a["failure"].get("kind"), str):
-        out.append((f"{where}.failure.kind", f"{a['failure'].get('kind')!r} is not a failure kind", True))
-    rung = (a.get("decision") or {}).get("rung") if isinstance(a.get("decision"), dict) else None
-    if rung is not None:
-        out += _rung_problems(f"{where}.decision.rung", rung)
-    return out
-
-
-def _rung_problems(where: str, rung: Any) -> list[tuple[str, str, bool]]:
-    kinds = [k.value for k in FailureKind]
-    if not isinstance(rung, dict):
-        return [(where, f"{rung!r} is not an object", False)]
-    out = []
-    if rung.get("ladder") not in kinds:
-        out.append((f"{where}.ladder", f"unknown ladder {rung.get('ladder')!r} (expected one of "
-                                       f"{', '.join(kinds)})", False))
-    if not _is_int(rung.get("index")):
-        out.append((f"{where}.index", f"{rung.get('index')!r} is not an integer", False))
-    return out
-
-
-def record_problems(d: Any) -> list[tuple[str, str, bool]]:
-    """(where, problem, fatal) for a parsed run.json; fatal: no reader can use the file."""
-    if not isinstance(d, dict):
-        return [("(top level)", f"is a JSON {type(d).__name__}, expected an object", True)]
-    out = [(k, f"{d.get(k)!r} is not {what}", True) for k, kind, what in (
-        ("status", str, "a status name"), ("command", list, "a list of arguments"),
-        ("attempts", list, "a list"), ("requested", dict, "an object"), ("config", dict, "an object"))
-        if k in d and not isinstance(d[k], kind)]
-    if d.get("world_size") is not None and not (_is_int(d["world_size"]) and d["world_size"] > 0):
-        out.append(("world_size", f"{d['world_size']!r} is not a positive integer", True))
-    if "status" not in d:
-        out.append(("status", "is missing", True))
-    for k in ("started", "updated", "ended"):
-        if d.get(k) is not None and not _is_number(d[k]):
-            out.append((k, f"{d[k]!r} is not a number (seconds since the epoch)", True))
-    if isinstance(d.get("attempts"), list):
-        for i, a in enumerate(d["attempts"]):
-            out += _attempt_problems(i, a)
-    return out
 
 
 _REAL_COMMANDS: dict[str, list[str]] = {}  # run dir -> the argv this process was given (secrets included)

@@ -27,7 +27,14 @@ _NO_SITE_FLAGS = ("-I", "-E", "-S")  # isolated / ignore PYTHON* env / no site: 
 OFF_VALUES = ("0", "off", "false", "no")
 
 
-class Launcher(str, enum.Enum):
+__all__ = ["GuardDelivery", "Delivery", "LaunchPlan", "LauncherKind", "Launcher", "OFF_VALUES", "PYTHON_LAUNCHERS",
+           "RECIPE_MODULE", "bootstrap_env", "bootstrap_outcome", "classify_launcher", "is_builtin_recipe",
+           "launch_plan"]
+
+
+class LauncherKind(str, enum.Enum):
+    """Which launcher a command starts with (the loop's ``ChildLauncher`` seam is another thing)."""
+
     PYTHON_SCRIPT = "python_script"  # python train.py
     PYTHON_MODULE = "python_module"  # python -m pkg.train
     ACCELERATE = "accelerate"  # accelerate launch ...
@@ -38,19 +45,23 @@ class Launcher(str, enum.Enum):
     OTHER = "other"  # not Python as far as oomguard can tell
 
 
-class Delivery(str, enum.Enum):
+class GuardDelivery(str, enum.Enum):
+    """How the in-child guard and in-process knobs reach the child (``knobs.Delivery`` says how one knob does)."""
+
     BOOTSTRAP = "bootstrap"  # in-process (bootstrap) plus flags/env
     FLAGS_ENV = "flags_env"  # flags in the command, OOMGUARD_KNOBS, stderr classification
     DISABLED = "disabled"  # OOMGUARD_BOOTSTRAP=0
 
 
-PYTHON_LAUNCHERS = frozenset(set(Launcher) - {Launcher.OTHER})
+Launcher, Delivery = LauncherKind, GuardDelivery  # the former names
+
+PYTHON_LAUNCHERS = frozenset(set(LauncherKind) - {LauncherKind.OTHER})
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    launcher: Launcher
-    delivery: Delivery
+    launcher: LauncherKind
+    delivery: GuardDelivery
     reason: str
 
     def to_dict(self) -> dict[str, str]:
@@ -85,39 +96,39 @@ def _script_text(path: str | None) -> str:
         return ""
 
 
-def classify_launcher(argv: Sequence[str], path: str | None = None) -> Launcher:
+def classify_launcher(argv: Sequence[str], path: str | None = None) -> LauncherKind:
     """The launcher of ``argv``; ``path`` is the PATH used to resolve the executable."""
     args = _skip_env_prefix(argv)
     if not args:
-        return Launcher.OTHER
+        return LauncherKind.OTHER
     name = os.path.basename(args[0])
     if _PYTHON_RE.match(name):
         return _python_kind(args[1:])
     if name in ("accelerate", "torchrun", "trl"):
-        return {"accelerate": Launcher.ACCELERATE, "torchrun": Launcher.TORCHRUN, "trl": Launcher.TRL}[name]
+        return {"accelerate": LauncherKind.ACCELERATE, "torchrun": LauncherKind.TORCHRUN, "trl": LauncherKind.TRL}[name]
     if name in _SHELLS:
         script = next((a for a in args[1:] if not a.startswith("-")), None)
         return _shell_kind(_script_text(script)) if "-c" not in args[1:2] else _shell_kind(" ".join(args[2:3]) + " ")
     exe = args[0] if os.sep in args[0] else shutil.which(args[0], path=path)
     line = _shebang(exe)
     if "python" in line or "pypy" in line:
-        return Launcher.PYTHON_ENTRY
+        return LauncherKind.PYTHON_ENTRY
     if any(sh in line for sh in _SHELLS):
         return _shell_kind(_script_text(exe))
-    return Launcher.OTHER
+    return LauncherKind.OTHER
 
 
-def _python_kind(rest: Sequence[str]) -> Launcher:
+def _python_kind(rest: Sequence[str]) -> LauncherKind:
     for i, arg in enumerate(rest):
         if arg == "-m" and i + 1 < len(rest):
-            return Launcher.TORCHRUN if rest[i + 1] == "torch.distributed.run" else \
-                Launcher.ACCELERATE if rest[i + 1].startswith("accelerate.commands") else \
-                Launcher.TRL if rest[i + 1].startswith("trl.cli") else Launcher.PYTHON_MODULE
+            return LauncherKind.TORCHRUN if rest[i + 1] == "torch.distributed.run" else \
+                LauncherKind.ACCELERATE if rest[i + 1].startswith("accelerate.commands") else \
+                LauncherKind.TRL if rest[i + 1].startswith("trl.cli") else LauncherKind.PYTHON_MODULE
         if arg.startswith("-m") and len(arg) > 2:
-            return Launcher.PYTHON_MODULE
+            return LauncherKind.PYTHON_MODULE
         if not arg.startswith("-"):
-            return Launcher.PYTHON_SCRIPT
-    return Launcher.PYTHON_SCRIPT  # python -c ... or bare python: still a Python interpreter
+            return LauncherKind.PYTHON_SCRIPT
+    return LauncherKind.PYTHON_SCRIPT  # python -c ... or bare python: still a Python interpreter
 
 
 RECIPE_MODULE = "oomguard.recipes.sft"
@@ -133,8 +144,8 @@ def is_builtin_recipe(argv: Sequence[str]) -> bool:
     return any(a == "-m" and (b == RECIPE_MODULE or (b == "oomguard" and c == "train")) for a, b, c in pairs)
 
 
-def _shell_kind(text: str) -> Launcher:
-    return Launcher.SHELL_SCRIPT if _PY_IN_SCRIPT.search(text) else Launcher.OTHER
+def _shell_kind(text: str) -> LauncherKind:
+    return LauncherKind.SHELL_SCRIPT if _PY_IN_SCRIPT.search(text) else LauncherKind.OTHER
 
 
 def _no_site_flag(argv: Sequence[str]) -> str | None:
@@ -154,15 +165,15 @@ def launch_plan(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> Lau
     """How knobs and the guard reach the child of ``argv`` under ``env``."""
     launcher = classify_launcher(argv, env.get("PATH"))
     if env.get(ENV_BOOTSTRAP, "").strip().lower() in OFF_VALUES:
-        return LaunchPlan(launcher, Delivery.DISABLED, f"{ENV_BOOTSTRAP}={env[ENV_BOOTSTRAP]}: flags and env only")
+        return LaunchPlan(launcher, GuardDelivery.DISABLED, f"{ENV_BOOTSTRAP}={env[ENV_BOOTSTRAP]}: flags and env only")
     if launcher not in PYTHON_LAUNCHERS:
-        return LaunchPlan(launcher, Delivery.FLAGS_ENV, "not a Python command: flags and env only")
+        return LaunchPlan(launcher, GuardDelivery.FLAGS_ENV, "not a Python command: flags and env only")
     flag = _no_site_flag(argv)
     if flag:
-        return LaunchPlan(launcher, Delivery.FLAGS_ENV,
+        return LaunchPlan(launcher, GuardDelivery.FLAGS_ENV,
                           f"python {flag} ignores PYTHONPATH or site: flags and env only; drop {flag} for the "
                           "in-process guard")
-    return LaunchPlan(launcher, Delivery.BOOTSTRAP, f"{launcher.value}: bootstrap on PYTHONPATH")
+    return LaunchPlan(launcher, GuardDelivery.BOOTSTRAP, f"{launcher.value}: bootstrap on PYTHONPATH")
 
 
 def bootstrap_env(env: Mapping[str, str], argv: Sequence[str],
@@ -173,7 +184,7 @@ def bootstrap_env(env: Mapping[str, str], argv: Sequence[str],
     delivered each knob.
     """
     out = dict(env)
-    if launch_plan(argv, env).delivery != Delivery.BOOTSTRAP:
+    if launch_plan(argv, env).delivery != GuardDelivery.BOOTSTRAP:
         return out
     site = str(SITE_DIR)
     parts = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
@@ -189,7 +200,7 @@ def bootstrap_outcome(plan_delivery: str, events: Iterable[Mapping[str, Any]], s
     ``in_process``: a Trainer was patched; ``fallback``: a Python child that never built a
     Trainer (knobs by flags/env, failures from exit code and stderr); else the plan's delivery.
     """
-    if plan_delivery != Delivery.BOOTSTRAP.value:
+    if plan_delivery != GuardDelivery.BOOTSTRAP.value:
         return plan_delivery
     seen = any(e.get("event") == EVENT_BOOTSTRAP_TRAINER and e.get("time", 0) >= since for e in events)
     return "in_process" if seen else "fallback"

@@ -12,13 +12,26 @@ and scheduler state was loaded. From those the supervisor takes (Trust rules 2 a
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any, Iterable, Mapping
 
 from ..knobs import LEARNING_RATE, MAX_SEQ_LENGTH, PRECISION, Delivery
 from ..protocol import EVENT_RECIPE_OBSERVED, STAGE_BUILT, STAGE_IN_FORCE
 
-VERIFIED, NOT_APPLIED, UNVERIFIED = "verified", "not_applied", "unverified"
+__all__ = ["Check", "NOT_APPLIED", "Observation", "UNVERIFIED", "VERIFIED", "Verdict", "capabilities",
+           "observation_of", "same", "verify"]
+
+
+class Verdict(str, enum.Enum):
+    """What the child shows of an ordered knob change (``AttemptRecord.verified`` values)."""
+
+    VERIFIED = "verified"  # the child shows the ordered value
+    NOT_APPLIED = "not_applied"  # it shows another
+    UNVERIFIED = "unverified"  # it never reported the knob
+
+
+VERIFIED, NOT_APPLIED, UNVERIFIED = Verdict.VERIFIED, Verdict.NOT_APPLIED, Verdict.UNVERIFIED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +67,7 @@ class Observation:
 @dataclasses.dataclass(frozen=True)
 class Check:
     knob: str
-    status: str  # VERIFIED | NOT_APPLIED | UNVERIFIED
+    status: Verdict
     expected: Any
     observed: Any
     why: str

@@ -8,20 +8,24 @@ import ctypes
 import dataclasses
 import errno
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping, Sequence
+from typing import IO, Callable, Iterator, Mapping, Sequence
 
 import psutil
 
 from ..protocol import ENV_RUN_DIR, STDERR_LOG, STDOUT_LOG
+from .console import TracebackCondenser, divert_gone_output, note_child_output, say, tolerate_gone_output
+from .console import divert as _divert
 from .progress import HeartbeatClock
 from .tree import ProcessTree, stop_run_strays
+
+__all__ = ["StopFlag", "handle_stop_signals", "Watch", "ChildOutcome", "run_child", "exec_problem", "reap_orphan",
+           "process_started", "divert_gone_output", "tolerate_gone_output"]
 
 POLL_S = 0.2
 TAIL_LINES = 200
@@ -79,7 +83,8 @@ class Watch:
     hang_timeout_s: float | None
     grace_s: float = 30.0  # SIGTERM -> SIGKILL; the child's guard saves in this time
     startup_timeout_s: float | None = None  # to the first heartbeat; None: hang_timeout_s
-    echo: bool = True
+    echo: bool = True  # the child's output on our terminal (``-q``: only in the logs)
+    condense: bool = True  # its tracebacks as three lines of ours (``-v``: whole)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,99 +109,44 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _output_gone(fd: int) -> bool:
-    """The reader of ``fd`` is gone: a pipe whose reader exited (``| head``) reports POLLERR, a
-    closed terminal POLLHUP, a closed fd POLLNVAL. A file or a live terminal reports none."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    try:
-        events = poller.poll(0)
-    except OSError:
-        return True
-    return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events)
-
-
-def _divert(fd: int) -> None:
-    """Point ``fd`` at /dev/null: every later print to it (ours, the loop's, the summary's,
-    the interpreter's last flush) succeeds silently. The attempt's log files keep everything."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
-def divert_gone_output() -> None:
-    """Divert stdout/stderr whose reader is gone, before anything writes to them again."""
-    for fd in (1, 2):
-        if _output_gone(fd):
-            _divert(fd)
-
-
-class _Tolerant:
-    """A text stream that never raises when its reader is gone: the supervisor's job is the
-    child, and a ``BrokenPipeError`` from a status line would leave the run ``running``."""
-
-    def __init__(self, inner: IO[str], fd: int):
-        self._inner, self._fd = inner, fd
-
-    def write(self, text: str) -> int:
-        try:
-            return self._inner.write(text)
-        except (OSError, ValueError):
-            _divert(self._fd)
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self._inner.flush()
-        except (OSError, ValueError):
-            _divert(self._fd)  # the buffered rest goes to /dev/null on the next flush
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-@contextlib.contextmanager
-def tolerate_gone_output() -> Iterator[None]:
-    """stdout/stderr tolerate a reader that went away (EPIPE, a closed terminal) for the duration."""
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tolerant(sys.stdout, 1), _Tolerant(sys.stderr, 2)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        divert_gone_output()  # the CLI prints a summary after us, with the plain streams
-        sys.stdout, sys.stderr = saved
-
-
 class _Echo:
     """Copies what the child appended to its log file to our terminal, from where it left off.
 
     The child writes its stdout/stderr straight into the attempt's log files, not into pipes:
     a pipe dies with the supervisor, and an orphan's next print (a loss line, a progress bar)
     would then raise BrokenPipeError before its guard could save. A file outlives us.
-    Reads go in ECHO_CHUNK pieces: a chatty child's 1 GiB line never sits in our memory."""
+    Reads go in ECHO_CHUNK pieces: a chatty child's 1 GiB line never sits in our memory.
+    ``condense``: a traceback is shown as its exception line, last frame and the log's path."""
 
-    def __init__(self, path: Path, target: IO[bytes] | None, fd: int):
+    def __init__(self, path: Path, target: IO[bytes] | None, fd: int, condense: bool = False):
         self.path, self.target, self.fd, self.offset = path, target, fd, path.stat().st_size
+        self.condenser = TracebackCondenser(path) if condense else None
 
     def pump(self, budget: int | None = ECHO_PER_PUMP) -> None:
-        """Copy up to ``budget`` bytes (None: to the end), so one poll never stalls on a flood."""
+        """Copy up to ``budget`` bytes (None: to the end, the child is gone), so one poll never
+        stalls on a flood."""
         if self.target is None:
             return
         with self.path.open("rb") as f:
             f.seek(self.offset)
             while budget is None or budget > 0:
                 chunk = f.read(ECHO_CHUNK if budget is None else min(ECHO_CHUNK, budget))
-                if not chunk or not self._write(chunk):
+                if not chunk:
+                    break
+                if not self._write(self.condenser.feed(chunk) if self.condenser else chunk):
                     return
                 self.offset += len(chunk)
                 budget = None if budget is None else budget - len(chunk)
+        if self.condenser is not None:
+            self._write(self.condenser.flush() if budget is None else self.condenser.idle())
 
     def _write(self, chunk: bytes) -> bool:
+        if not chunk:
+            return True
         try:
             self.target.write(chunk)  # type: ignore[union-attr]
             self.target.flush()  # type: ignore[union-attr]
+            note_child_output(self.fd, chunk)
             return True
         except (OSError, ValueError):
             self.target = None  # our terminal went away: stop echoing, the log file has it all
@@ -356,13 +306,13 @@ def _not_started(argv: Sequence[str], env: Mapping[str, str], exc: OSError, err_
                         stderr_tail=f"oomguard: the command could not be started: {why}", pids=frozenset())
 
 
-def _stop_strays(env: Mapping[str, str], stop: StopFlag, echo: bool) -> tuple[int, ...]:
+def _stop_strays(env: Mapping[str, str], stop: StopFlag) -> tuple[int, ...]:
     """What of this run outlived the attempt (a daemonized grandchild) is stopped now, not left
-    to pile up one per attempt; a line on stderr says so."""
+    to pile up one per attempt; a line of oomguard's says so."""
     pids = stop_run_strays(env.get(ENV_RUN_DIR), 0.0 if stop.urgent else STRAY_GRACE_S)
-    if pids and echo:
-        print(f"[oomguard] stopped {len(pids)} process(es) of this run that outlived the attempt "
-              f"(daemonized?): pids {', '.join(map(str, pids))}", file=sys.stderr, flush=True)
+    if pids:
+        say(f"stopped {len(pids)} process(es) of this run that outlived the attempt "
+            f"(daemonized?): pids {', '.join(map(str, pids))}")
     return tuple(pids)
 
 
@@ -407,7 +357,7 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
     with out_path.open("ab") as out_log, err_path.open("ab") as err_log:
         err_start = err_path.stat().st_size
         echoes = [_Echo(out_path, sys.stdout.buffer if watch.echo else None, 1),
-                  _Echo(err_path, sys.stderr.buffer if watch.echo else None, 2)]
+                  _Echo(err_path, sys.stderr.buffer if watch.echo else None, 2, condense=watch.condense)]
         beats = HeartbeatClock(watch.heartbeat_dir)  # before the start: the hang deadline runs from launch
         popen = _spawn(argv, env, out_log, err_log)
     if isinstance(popen, OSError):
@@ -425,7 +375,7 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
         except subprocess.TimeoutExpired:
             pass
     tree.signal(signal.SIGKILL)  # stragglers a launcher left behind, in its group or their own
-    strays = _stop_strays(env, stop, watch.echo)
+    strays = _stop_strays(env, stop)
     for echo in echoes:
         echo.pump(None)
     return _outcome(popen.returncode, seen, t0, _tail(err_path, err_start), tree, strays)

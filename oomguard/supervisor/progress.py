@@ -1,42 +1,95 @@
-"""The child's progress as the supervisor sees it: the live one-line status (attempt, rung,
-step, memory — read from the child's events) and the heartbeats' ages (hang detection)."""
+"""The child's progress as the supervisor sees it: measured from its ``step`` events (one per
+completed optimizer step, protocol.Event.STEP), shown as a live status line (attempt, the rung in
+words, step / max_steps, steps/s, ETA, memory vs cap), and the heartbeats' ages (hang detection)."""
 
 from __future__ import annotations
 
+import collections
 import json
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..protocol import HEARTBEAT
-from .ranks import rank_of_heartbeat
+from ..policy.narrative import KIND_WORDS
+from ..protocol import HEARTBEAT, Event, FailureKind, rank_of_file
+from .console import say
 
 if TYPE_CHECKING:
     from .journal import Journal
 
+__all__ = ["completed_step", "rung_words", "change_words", "duration_words", "ProgressTail", "HeartbeatClock",
+           "READ_CHUNK", "RATE_WINDOW"]
+
 GIB = 2**30
 READ_CHUNK = 1024 * 1024  # bytes of events.jsonl read per tick: a runaway writer cannot blow our memory
-# child events whose ``step`` is a completed optimizer step (nan_detected and fault_injected
-# name the step being attempted, so they are not progress)
-COMPLETED_STEP_EVENTS = frozenset({"step", "memory", "checkpoint_saved", "emergency_save", "cache_cleared",
-                                   "pressure_save", "shutdown_saved", "error_recorded"})
+RATE_WINDOW = 20  # step events the steps/s rate is measured over
 
 
-def completed_step(event: dict[str, Any]) -> int | None:
-    """The optimizer step an event says was completed, or None (not a progress event)."""
+def completed_step(event: Mapping[str, Any]) -> int | None:
+    """The optimizer step an event says was completed (a ``step`` event's ``step``), or None: every
+    other event is not progress (``nan_detected`` and ``fault_injected`` even name a step not done)."""
     step = event.get("step")
-    return step if event.get("event") in COMPLETED_STEP_EVENTS and isinstance(step, int) else None
+    ok = event.get("event") == Event.STEP.value and isinstance(step, int) and not isinstance(step, bool)
+    return step if ok else None
+
+
+_SHORT = {"per_device_train_batch_size": "batch", "gradient_accumulation_steps": "accumulation",
+          "max_seq_length": "length", "lora_r": "LoRA r", "lora_alpha": "LoRA alpha", "learning_rate": "LR",
+          "max_grad_norm": "clip norm", "precision": "precision"}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def change_words(change: Mapping[str, Any]) -> str:
+    """``{"knob": "gradient_accumulation_steps", "old": 2, "new": 4}`` -> ``accumulation ×2``."""
+    knob, old, new = str(change.get("knob")), change.get("old"), change.get("new")
+    name = _SHORT.get(knob, knob)
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (old, new))
+    if knob == "gradient_accumulation_steps" and numbers and old and new % old == 0 and new > old:
+        return f"{name} ×{new // old}"
+    return f"{name} {_fmt(old)} → {_fmt(new)}" if old is not None else f"{name} {_fmt(new)}"
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def rung_words(rung: Any, changes: Sequence[Any]) -> str:
+    """"after CUDA OOM: batch 8 → 4, accumulation ×2"; "as requested" before any rung."""
+    rung = _plain(rung)
+    if not isinstance(rung, Mapping):
+        return "as requested"
+    try:
+        kind = KIND_WORDS[FailureKind(rung.get("ladder"))]
+    except ValueError:
+        kind = str(rung.get("ladder"))
+    words = [change_words(c) for c in map(_plain, changes) if isinstance(c, Mapping)]
+    return f"after {kind}: {', '.join(words) if words else 'same knobs'}"
+
+
+def duration_words(seconds: float) -> str:
+    """42 -> "42 s", 312 -> "5 min 12 s", 7300 -> "2 h 01 min"."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 class ProgressTail:
     """Reads ``events.jsonl`` from where it left off; prints a status line when a step moves."""
 
-    def __init__(self, journal: "Journal", attempt: int, echo: bool, every_s: float = 15.0):
+    def __init__(self, journal: "Journal", attempt: int, echo: bool = True, every_s: float = 15.0):
         self.journal, self.attempt, self.echo, self.every_s = journal, attempt, echo, every_s
         self.offset = journal.events_path.stat().st_size if journal.events_path.exists() else 0
         self.step: int | None = None
+        self.max_steps: int | None = None
+        self.times: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW)
         self.memory: dict[str, Any] = {}
+        self.cap: int | None = None  # bytes: the emulated card's limit (vram_limit), else the GPU's size
         self.last_print = 0.0
         self.last_step_printed: int | None = None
 
@@ -56,19 +109,66 @@ class ProgressTail:
                 event = json.loads(raw)
             except ValueError:
                 continue
-            if (step := completed_step(event)) is not None:
-                self.step = max(self.step or 0, step)
-            if event.get("event") == "memory":
-                self.memory = event
+            if isinstance(event, dict):
+                self.take(event)
+
+    def take(self, event: Mapping[str, Any]) -> None:
+        """Learn from one event of this attempt."""
+        name = event.get("event")
+        if (step := completed_step(event)) is not None and event.get("attempt", self.attempt) == self.attempt:
+            if self.step is None or step > self.step:
+                self.step = step
+                if isinstance(event.get("time"), (int, float)):
+                    self.times.append((float(event["time"]), step))
+            if isinstance(event.get("max_steps"), int):
+                self.max_steps = event["max_steps"]
+        elif name == Event.MEMORY.value:
+            self.memory = dict(event)
+        elif name == Event.VRAM_LIMIT.value and isinstance(event.get("limit"), int):
+            self.cap = event["limit"]
+
+    def rate(self) -> float | None:
+        """Steps per second over the last RATE_WINDOW step events of this attempt."""
+        if len(self.times) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.times[0], self.times[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    def _cap(self) -> int | None:
+        if self.cap is not None:
+            return self.cap
+        gpu = self.journal.record.gpu or {}
+        total = gpu.get("total_gib") if isinstance(gpu, Mapping) else None
+        return int(total * GIB) if isinstance(total, (int, float)) and total > 0 else None
+
+    def _memory_words(self) -> str | None:
+        used = next((self.memory.get(k) for k in ("step_peak", "allocated") if isinstance(self.memory.get(k), int)),
+                    None)
+        if used is None:
+            return None
+        cap = self._cap()
+        return f"memory {used / GIB:.1f} / {cap / GIB:.1f} GiB" if cap else f"memory {used / GIB:.1f} GiB"
+
+    def _rung(self) -> str:
+        attempts = self.journal.record.attempts
+        if not attempts:
+            return "as requested"
+        before = _plain(attempts[-2].decision) if len(attempts) > 1 else None
+        changes = before.get("changes") or () if isinstance(before, Mapping) else ()
+        return rung_words(attempts[-1].rung, changes)
 
     def line(self) -> str:
-        rung = self.journal.record.attempts[-1].rung if self.journal.record.attempts else None
-        parts = [f"attempt {self.attempt}", f"rung {rung['ladder']}#{rung['index']}" if rung else "rung -",
-                 f"step {self.step if self.step is not None else '-'}"]
-        alloc = self.memory.get("allocated")
-        if isinstance(alloc, (int, float)):
-            parts.append(f"{alloc / GIB:.2f} GiB allocated")
-        return "[oomguard] " + " · ".join(parts)
+        step = "-" if self.step is None else str(self.step)
+        parts = [f"attempt {self.attempt}", self._rung(),
+                 f"step {step}/{self.max_steps}" if self.max_steps else f"step {step}"]
+        rate = self.rate()
+        if rate:
+            parts.append(f"{rate:.2f} steps/s" if rate >= 0.1 else f"{1 / rate:.0f} s/step")
+            if self.max_steps and self.step is not None and self.max_steps > self.step:
+                parts.append(f"ETA {duration_words((self.max_steps - self.step) / rate)}")
+        if (memory := self._memory_words()) is not None:
+            parts.append(memory)
+        return " · ".join(parts)
 
     def tick(self) -> None:
         self._read_new()
@@ -76,10 +176,7 @@ class ProgressTail:
         if not self.echo or self.step == self.last_step_printed or now - self.last_print < self.every_s:
             return
         self.last_print, self.last_step_printed = now, self.step
-        try:
-            print(self.line(), file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            self.echo = False  # our stderr went away (`| head` exited, terminal closed): keep supervising
+        say(self.line())
 
 
 class HeartbeatClock:
@@ -100,7 +197,7 @@ class HeartbeatClock:
     def _mtimes(self) -> dict[int, int]:
         found = {}
         for hb in self.dir.glob(f"{HEARTBEAT}*"):
-            rank = rank_of_heartbeat(hb.name)
+            rank = rank_of_file(hb.name, HEARTBEAT)
             try:
                 if rank is not None:
                     found[rank] = hb.stat().st_mtime_ns

@@ -13,7 +13,10 @@ import re
 import signal as _signal
 from typing import Any, Mapping, Sequence
 
-from ..protocol import HEARTBEAT, ErrorRecord, FailureKind
+from ..protocol import HEARTBEAT, ErrorRecord, FailureKind, rank_of_file
+
+__all__ = ["PEER_LOST_PATTERNS", "peer_lost", "root_record", "WorkerExit", "first_failed_worker", "heartbeat_note",
+           "rank_of_heartbeat", "root_cause_text", "rank_records"]
 
 # What a rank reports when a *peer* died under it (gloo, NCCL, the c10d store) or the launcher
 # stopped it: a symptom, never the root cause while another rank's record says why it died.
@@ -96,11 +99,8 @@ def heartbeat_note(ages: Mapping[int, float] | None) -> str:
 
 
 def rank_of_heartbeat(name: str) -> int | None:
-    """``heartbeat`` -> 0, ``heartbeat.rank3`` -> 3, anything else None."""
-    if name == HEARTBEAT:
-        return 0
-    m = re.fullmatch(re.escape(HEARTBEAT) + r"\.rank(\d+)", name)
-    return int(m.group(1)) if m else None
+    """``heartbeat`` -> 0, ``heartbeat.rank3`` -> 3, anything else None (protocol.rank_of_file)."""
+    return rank_of_file(name, HEARTBEAT)
 
 
 def root_cause_text(failure: Mapping[str, Any] | None, world_size: int) -> str | None:

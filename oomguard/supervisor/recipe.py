@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..protocol import EVENT_CHANGE_NOT_APPLIED, EVENT_CHANGE_VERIFIED
+from ..protocol import EVENT_CHANGE_NOT_APPLIED, EVENT_CHANGE_VERIFIED, Event
+from ..protocol.run_record import RequestedSource
 from .command import flags_in_command, placeholders_in
 from .history import data_profile
 from .journal import AttemptRecord, Journal
-from .launch import Delivery, launch_plan
-from .observation import NOT_APPLIED, VERIFIED, Observation, capabilities, observation_of, verify
+from .launch import GuardDelivery, launch_plan
+from .observation import Observation, Verdict, capabilities, observation_of, verify
 from .spec import RunSpec, say
+
+__all__ = ["checkpoint_dir_from", "observe_attempt", "verify_orders"]
+
+_VERDICT_EVENTS = {Verdict.VERIFIED: EVENT_CHANGE_VERIFIED, Verdict.NOT_APPLIED: EVENT_CHANGE_NOT_APPLIED}
 
 
 def observe_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord, events: list[dict[str, Any]]) -> None:
@@ -28,14 +33,14 @@ def observe_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord, eve
         attempt.observed = seen.payload()
         attempt.knobs = {**{k: v for k, v in attempt.knobs.items() if k not in seen.fields}, **seen.knobs}
         record.config = dict(attempt.knobs)
-        if record.requested_source != "observed":
+        if record.requested_source is not RequestedSource.OBSERVED:
             record.requested = {**record.requested, **seen.knobs}
-            record.requested_source = "observed"
-            journal.event("requested_observed", attempt=attempt.n, knobs=record.requested, fields=seen.fields)
+            record.requested_source = RequestedSource.OBSERVED
+            journal.event(Event.REQUESTED_OBSERVED, attempt=attempt.n, knobs=record.requested, fields=seen.fields)
         checkpoint_dir_from(journal, seen.output_dir)
     plan = launch_plan(attempt.command)
     flags = flags_in_command(record.command, knobs=list(record.config), extra_flags=spec.extra_flags)
-    record.capabilities = capabilities(seen, flags, in_process=plan.delivery is Delivery.BOOTSTRAP,
+    record.capabilities = capabilities(seen, flags, in_process=plan.delivery is GuardDelivery.BOOTSTRAP,
                                        placeholders=placeholders_in(record.command))
     verify_orders(spec, journal, attempt, seen, events)
 
@@ -43,24 +48,26 @@ def observe_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord, eve
 def checkpoint_dir_from(journal: Journal, output_dir: str | None) -> None:
     record = journal.record
     if output_dir and output_dir != record.checkpoint_dir:
-        journal.event("checkpoint_dir", path=output_dir, previous=record.checkpoint_dir or None,
+        journal.event(Event.CHECKPOINT_DIR, path=output_dir, previous=record.checkpoint_dir or None,
                       reported_by="the child's Trainer (args.output_dir)")
         record.checkpoint_dir = output_dir
 
 
 def verify_orders(spec: RunSpec, journal: Journal, attempt: AttemptRecord, seen: Observation,
-            events: list[dict[str, Any]]) -> None:
+                  events: list[dict[str, Any]]) -> None:
+    """One verdict per order of ``attempt`` (``AttemptRecord.verified``), journaled; a knob whose change
+    did not land is unavailable from now on (the ladder stops using it)."""
     record = journal.record
     profile = data_profile(e for e in events if e.get("time", 0) >= attempt.started)
     for check in verify(attempt.orders, seen, longest_row=profile.max_len if profile else None):
-        attempt.verified[check.knob] = check.status
-        if check.status == NOT_APPLIED:
+        attempt.verified[check.knob] = check.status.value
+        if check.status is Verdict.NOT_APPLIED:
             record.unavailable[check.knob] = check.why
             if check.observed is not None:
                 record.config[check.knob] = attempt.knobs[check.knob] = check.observed
-        event = {VERIFIED: EVENT_CHANGE_VERIFIED, NOT_APPLIED: EVENT_CHANGE_NOT_APPLIED}.get(check.status)
+        event = _VERDICT_EVENTS.get(check.status)
         if event:
             journal.event(event, attempt=attempt.n, knob=check.knob, expected=check.expected,
                           observed=check.observed, why=check.why or None)
-        if check.status == NOT_APPLIED:
+        if check.status is Verdict.NOT_APPLIED:
             say(spec, f"change not applied: {check.knob} → {check.expected}: {check.why}")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import os
 import stat
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
@@ -18,7 +17,32 @@ from ..protocol import (ATTEMPTS_DIR, EVENTS_JSONL, HEARTBEAT, LOCK_FILE, POLICY
 from .command import knobs_in_command, output_dir_of, world_size_of
 from .gpu import detect_gpu, emulated_gpu
 from .launch import is_builtin_recipe
+from .console import say as console_say
 from .process import exec_problem
+
+__all__ = ["MIN_FREE_BYTES", "Recovery", "RecoveryHook", "RunSpec", "build_spec", "check_run_dir", "first_orders",
+           "policy_flags", "policy_knobs", "resolve_policy", "say"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """A recovery the supervisor just decided and journaled (what ``RunSpec.on_recovery`` gets):
+    attempt ``attempt`` failed with ``kind`` at ``step``; ``reason`` is the decision's sentence,
+    root cause first; ``changes`` the knobs it changes (``knob: old → new``)."""
+
+    run_dir: str
+    attempt: int
+    kind: str
+    step: int | None
+    reason: str
+    changes: tuple[str, ...] = ()
+    resume_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "changes": list(self.changes)}
+
+
+RecoveryHook = Callable[[Recovery], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +68,12 @@ class RunSpec:
     gpu: GpuInfo | None
     vram_limit: str | None = None
     inject: str | None = None
-    echo: bool = True
+    echo: bool = True  # the child's output on our stdout/stderr (``--quiet``: off)
+    verbose: bool = False  # the child's tracebacks whole (``--verbose``), else condensed
     redirect_checkpoints: bool = False  # --checkpoint-dir given: the bootstrap moves output_dir there
     start_from_policy: bool = False
+    # called after each recovery decision is journaled (a notifier); an exception from it is logged, never fatal
+    on_recovery: RecoveryHook | None = None
 
 
 def policy_knobs(policy: Policy) -> dict[str, Any]:
@@ -185,7 +212,8 @@ def _continued_policy(run_dir: Path) -> Policy:
 
 def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                checkpoint_dir: Path | None = None, vram_limit: str | None = None,
-               inject: str | None = None, echo: bool = True, start_from_policy: bool = False) -> RunSpec:
+               inject: str | None = None, echo: bool = True, start_from_policy: bool = False,
+               on_recovery: RecoveryHook | None = None, verbose: bool = False) -> RunSpec:
     _check_options(vram_limit, inject)
     cmd = _check_command(command)
     check_run_dir(run_dir)
@@ -199,10 +227,11 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                    requested=knobs_in_command(cmd, knobs=names, extra_flags=extra),
                    orders=first_orders(policy, cmd, extra, start), extra_flags=extra,
                    world_size=world_size_of(cmd), gpu=gpu, vram_limit=vram_limit, inject=inject, echo=echo,
-                   redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start)
+                   verbose=verbose, redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start,
+                   on_recovery=on_recovery)
 
 
 def say(spec: RunSpec, text: str) -> None:
-    """One line of oomguard's own on stderr, unless ``--quiet``."""
-    if spec.echo:
-        print(f"[oomguard] {text}", file=sys.stderr, flush=True)
+    """One line of oomguard's own on stderr, on a line of its own; under every verbosity (``--quiet``
+    hides only the child's output)."""
+    console_say(text)

@@ -87,7 +87,7 @@ def test_memory_monitor_agrees_with_torch_and_nvml(record):
 
 CLEAR = """
 import json, torch
-from oomguard.guard.cache import CacheClearerCallback
+from oomguard.guard.callbacks.cache import CacheClearerCallback
 # fragment: many 64 MiB blocks, free every other one -> reserved stays, allocated halves
 blocks = [torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda") for _ in range(40)]
 del blocks[::2]

@@ -32,6 +32,16 @@ def on_stop_signal(signum, _frame):
     STOP["signum"] = signum
 
 
+def stop_reason() -> str:
+    return f"received {signal.Signals(STOP['signum']).name}"  # as the guard's ShutdownCallback says it
+
+
+def emit(run_dir: Path, event: "protocol.Event", **fields) -> None:
+    """Journal one event in the real guard's vocabulary (protocol.Event) and shape: rank 0, the catalogue's
+    source (the guard's Journal writes ``rank``; emit_event adds ``source``)."""
+    protocol.emit_event(run_dir, event.value, rank=0, **fields)
+
+
 def save_checkpoint(out: Path, step: int, run_dir: Path, opt_bytes: int = 3, opt_zip: bytes | None = None) -> None:
     """Weights, optimizer, scheduler, then trainer_state.json last (as HF does: nothing atomic)."""
     ck = out / f"checkpoint-{step}"
@@ -43,7 +53,7 @@ def save_checkpoint(out: Path, step: int, run_dir: Path, opt_bytes: int = 3, opt
         write_zip_optimizer(ck, opt_zip)
     (ck / "scheduler.pt").write_bytes(b"sch")
     (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    protocol.emit_event(run_dir, "checkpoint_saved", step=step, path=str(ck), source="child")
+    emit(run_dir, protocol.Event.CHECKPOINT_SAVED, step=step, path=str(ck))
 
 
 OPT_STATE = b"optimizer state, as the fake child writes it"
@@ -229,10 +239,11 @@ def report_recipe(args, run_dir: Path, attempt: int, out: Path) -> None:
     args.per_device_train_batch_size = knobs["per_device_train_batch_size"]
     args.gradient_accumulation_steps = knobs["gradient_accumulation_steps"]
     args.max_seq_length, args.precision = knobs["max_seq_length"], knobs["precision"]
+    effective = knobs["per_device_train_batch_size"] * knobs["gradient_accumulation_steps"]
     for stage in (protocol.STAGE_BUILT, protocol.STAGE_IN_FORCE):
-        protocol.emit_event(run_dir, protocol.EVENT_RECIPE_OBSERVED, rank=0, attempt=attempt, stage=stage,
-                            knobs=knobs, fields={k: k for k in knobs}, output_dir=str(out.absolute()),
-                            world_size=1, trainer="FakeTrainer", args_class="argparse.Namespace", lora=False)
+        emit(run_dir, protocol.Event.RECIPE_OBSERVED, attempt=attempt, stage=stage, knobs=knobs,
+             fields={k: k for k in knobs}, effective_batch=effective, world_size=1, output_dir=str(out.absolute()),
+             trainer="FakeTrainer", args_class="Namespace", lr_scheduler_type=None, optim=None, lora=False)
 
 
 def daemonize_sleeper(seconds: float) -> None:
@@ -311,14 +322,17 @@ def main() -> int:
             if code is not None:
                 return code
         protocol.touch(run_dir / protocol.HEARTBEAT)
-        protocol.emit_event(run_dir, "step", step=step, source="child")
+        emit(run_dir, protocol.Event.STEP, step=step, max_steps=args.max_steps, epoch=None, attempt=attempt)
         for i in range(args.stderr_chatter):
             print(f"fake child: chatter {i} at step {step}", file=sys.stderr, flush=True)
         if STOP["signum"] is not None:
-            stopping_since = stopping_since or time.monotonic()
+            if stopping_since is None:
+                stopping_since = time.monotonic()
+                emit(run_dir, protocol.Event.SHUTDOWN_REQUESTED, step=step, reason=stop_reason())
             if time.monotonic() - stopping_since >= args.stop_delay_s:
                 save_checkpoint(out, step, run_dir, args.opt_bytes)
-                protocol.emit_event(run_dir, "shutdown_saved", step=step, source="child")
+                emit(run_dir, protocol.Event.SHUTDOWN_SAVED, step=step, reason=stop_reason(),
+                     path=str(out / f"checkpoint-{step}"))
                 return 128 + STOP["signum"]
         if step % args.save_steps == 0 or step == args.max_steps or plan:
             save_maybe_full(args, out, step, run_dir, attempt)

@@ -113,3 +113,15 @@ def test_crash_and_resume_oom(tmp_path):
     assert proc2.returncode == 1, proc2.stderr[-3000:]
     rec2 = error_record(run_dir, attempt=2)
     assert (rec2.kind, rec2.phase, rec2.step) == (protocol.FailureKind.RESUME_OOM, protocol.Phase.CHECKPOINT_LOAD, 1)
+
+
+def test_step_and_trainer_log_events_per_completed_step(tmp_path):
+    proc, run_dir, _ = run_child(tmp_path, "", save_steps=10, max_steps=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = events(run_dir, protocol.EVENT_STEP)
+    assert [(e["step"], e["max_steps"], e["attempt"], e["rank"]) for e in steps] == [(s, 3, 1, 0) for s in (1, 2, 3)]
+    assert all(isinstance(e["epoch"], float) for e in steps)
+    logs = [e for e in events(run_dir, protocol.EVENT_TRAINER_LOG) if "loss" in e["logs"]]
+    assert [e["step"] for e in logs] == [1, 2, 3]  # logging_steps=1
+    assert all(isinstance(e["logs"]["learning_rate"], float) for e in logs)
+    assert not any(k.startswith("oomguard/") for e in logs for k in e["logs"])

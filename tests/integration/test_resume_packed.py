@@ -12,9 +12,10 @@ import json
 import pytest
 
 from _recipe_run import events, recipe
-from oomguard.guard.ledger import ledger_file, read_ledger
-from oomguard.guard.position import packed_rows, rows_mismatch, tokenized_examples
+from oomguard.guard.resume.ledger import ledger_file, read_ledger
+from oomguard.guard.resume.packed import packed_rows, rows_mismatch, tokenized_examples
 from oomguard.recipes import default
+from oomguard.recipes.dataset import load_sft_dataset
 
 pytestmark = pytest.mark.slow
 EXAMPLES = 40  # the first 40 of the shipped dataset: about 11 steps of 2 rows per epoch at 128 tokens
@@ -40,7 +41,7 @@ def rows_at(cache, dataset, length, monkeypatch, out) -> list[tuple[int, ...]]:
     options = resolve_options(["--dataset", str(dataset), "--max_seq_length", str(length), "--output_dir",
                                str(out), "--no_guard", *TRAIN])
     trainer, _ = build_trainer(options)
-    tokens = tokenized_examples(trainer, trainer._oomguard_raw_dataset)
+    tokens = tokenized_examples(trainer, load_sft_dataset(dataset))  # the raw dataset the recipe gave SFTTrainer
     rows = packed_rows(tokens, length, trainer.args)
     assert rows_mismatch(rows, tokens, trainer.train_dataset, length) is None
     return rows

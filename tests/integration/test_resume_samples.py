@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from _recipe_run import events, losses, recipe, state
-from oomguard.guard.ledger import ledger_file, read_ledger, samples_seen
+from oomguard.guard.resume.ledger import ledger_file, read_ledger, samples_seen
 
 pytestmark = pytest.mark.slow
 # fp32 and no dropout: the two runs differ only in how a step's samples are split into micro-batches

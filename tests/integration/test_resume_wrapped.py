@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from _wrap_run import BIN, oomguard_run
-from oomguard.guard.ledger import ledger_file, read_ledger, samples_seen
+from oomguard.guard.resume.ledger import ledger_file, read_ledger, samples_seen
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent

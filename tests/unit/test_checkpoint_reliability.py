@@ -170,7 +170,7 @@ def test_a_dead_supervisor_pid_is_checked_for_real():
 
 def test_the_fault_callback_drops_a_stray_inject_and_says_so(capsys):
     pytest.importorskip("transformers")
-    from oomguard.guard.faults import FaultInjectionCallback
+    from oomguard.guard.callbacks.faults import FaultInjectionCallback
 
     faults = protocol.parse_inject("crash@step=2")
     stray = FaultInjectionCallback(faults, None, environ=INJECT)

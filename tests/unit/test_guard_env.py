@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.guard.allocator import ALLOC_CONF, apply_allocator_defaults
+from oomguard.guard.device.allocator import ALLOC_CONF, apply_allocator_defaults
+from oomguard import protocol
 from oomguard.guard.env import GuardEnv
 from oomguard.protocol import Fault
 
@@ -53,3 +54,29 @@ def test_allocator_default_respects_user_choice():
     mine = {ALLOC_CONF: "max_split_size_mb:128"}
     apply_allocator_defaults(mine)
     assert mine[ALLOC_CONF] == "max_split_size_mb:128"
+
+
+def test_resume_mode_from_the_environment():
+    from oomguard.guard.env import resume_mode
+    from oomguard.protocol import ENV_RESUME_MODE, ResumeMode
+
+    assert resume_mode({}) is None  # an older supervisor: not told
+    assert resume_mode({ENV_RESUME_MODE: ""}) == ResumeMode.NORMAL
+    assert resume_mode({ENV_RESUME_MODE: "optimizer_on_cpu"}) == ResumeMode.OPTIMIZER_ON_CPU
+    assert GuardEnv.from_env({ENV_RESUME_MODE: "normal"}).resume_mode == ResumeMode.NORMAL
+    with pytest.raises(ValueError, match="optimizer_on_cpu"):
+        resume_mode({ENV_RESUME_MODE: "cpu"})
+
+
+def test_resume_mode_is_the_supervisors_decision_never_inferred_from_files(tmp_path):
+    from oomguard.guard.resume.prepare import resume_mode_of
+    from oomguard.protocol import ErrorRecord, FailureKind, Phase, ResumeMode
+
+    record = ErrorRecord(kind=FailureKind.RESUME_OOM, phase=Phase.CHECKPOINT_LOAD, step=2, detail="", rank=0)
+    protocol.write_error_record(protocol.attempt_dir(tmp_path, 1) / protocol.ERROR_JSON, record)
+    told_normal = GuardEnv(run_dir=tmp_path, attempt=2, resume_mode=ResumeMode.NORMAL)
+    assert resume_mode_of(told_normal) == ResumeMode.NORMAL  # the supervisor's decision wins
+    told_cpu = GuardEnv(run_dir=tmp_path, attempt=2, resume_mode=ResumeMode.OPTIMIZER_ON_CPU)
+    assert resume_mode_of(told_cpu) == ResumeMode.OPTIMIZER_ON_CPU
+    # unset: normal, even beside a previous resume_oom record (decisions live in policy.decide())
+    assert resume_mode_of(GuardEnv(run_dir=tmp_path, attempt=2)) == ResumeMode.NORMAL

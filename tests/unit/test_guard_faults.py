@@ -1,4 +1,4 @@
-from oomguard.guard.faults import FaultLedger, due_faults
+from oomguard.guard.callbacks.faults import FaultLedger, due_faults
 from oomguard.protocol import parse_inject
 
 

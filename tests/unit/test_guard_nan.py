@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from oomguard.guard.nan import NanGuardCallback, NonFiniteLossError, all_finite, trainable_grads
+from oomguard.guard.callbacks.nan import NanGuardCallback, NonFiniteLossError, all_finite, trainable_grads
 
 
 def model_with_grads(poison: float | None = None, dtype=torch.float32) -> torch.nn.Module:

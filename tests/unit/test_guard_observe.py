@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from oomguard.guard.env import GuardEnv
-from oomguard.guard.in_force import RecipeCallback, apply_lr_order
+from oomguard.guard.callbacks.in_force import RecipeCallback, apply_lr_order
 from oomguard.guard.observe import base_lr, observe
 from oomguard.protocol import EVENT_RECIPE_OBSERVED, STAGE_BUILT, STAGE_IN_FORCE
 
@@ -355,7 +355,7 @@ def test_callback_reports_extra_knobs(tmp_path, hf_args):
 
 
 def test_callback_is_in_guard_callbacks():
-    from oomguard.guard.shutdown import ShutdownCallback
+    from oomguard.guard.callbacks.shutdown import ShutdownCallback
     from oomguard.guard.train import GUARD_TYPES, guard_callbacks
 
     cbs = guard_callbacks(GuardEnv())

@@ -2,9 +2,9 @@ from types import SimpleNamespace
 
 from transformers import TrainerControl
 
-from oomguard.guard.memory import Growth
-from oomguard.guard.monitor import MemoryMonitorCallback
-from oomguard.guard.pressure import PressureCheckpointCallback
+from oomguard.guard.callbacks.memory import Growth
+from oomguard.guard.callbacks.monitor import MemoryMonitorCallback
+from oomguard.guard.callbacks.pressure import PressureCheckpointCallback
 
 
 def test_pressure_saves_once_when_cap_is_near(tmp_path):

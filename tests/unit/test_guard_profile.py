@@ -1,7 +1,7 @@
 import pytest
 
-from oomguard.guard.profile import dataset_lengths, length_profile, sample_indices
-from oomguard.guard.vram import vram_fraction
+from oomguard.guard.callbacks.profile import dataset_lengths, length_profile, sample_indices
+from oomguard.guard.device.vram import vram_fraction
 
 
 def test_length_profile_quantiles():
@@ -45,7 +45,7 @@ def test_vram_fraction_accounts_for_context_and_paged():
 def test_vram_limit_is_a_warned_noop_without_cuda():
     import torch
 
-    from oomguard.guard.vram import apply_vram_limit
+    from oomguard.guard.device.vram import apply_vram_limit
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -57,7 +57,7 @@ def test_vram_limit_is_a_warned_noop_without_cuda():
 def test_packed_dataset_is_profiled_by_its_samples_not_its_rows():
     from datasets import Dataset
 
-    from oomguard.guard.profile import dataset_lengths
+    from oomguard.guard.callbacks.profile import dataset_lengths
 
     packed = Dataset.from_dict({"input_ids": [[1] * 8, [1] * 8], "seq_lengths": [[5, 3], [8]]})
     lengths, n = dataset_lengths(packed)

@@ -6,12 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oomguard import protocol
-from oomguard.guard.ledger import (SampleLedgerCallback, StepSamples, append_order, append_step, compress, expand,
-                                   ledger_file, order_file, read_ledger, read_orders, remaining_in_epoch,
-                                   samples_seen)
-from oomguard.guard.journal import Journal
-from oomguard.guard.position import (Batch, PositionUnknown, checkpoint_batch, packed_length_change, plan_position,
-                                     state_packed_length_change)
+from oomguard.guard.resume.ledger import (SampleLedgerCallback, StepSamples, append_order, append_step, compress,
+                                          expand, ledger_file, order_file, read_ledger, read_orders,
+                                          remaining_in_epoch, samples_seen)
+from oomguard.guard.resume.packed import packed_length_change, state_packed_length_change
+from oomguard.guard.resume.position import Batch, PositionUnknown, checkpoint_batch, plan_position
+from oomguard.guard.writer import EventWriter
 
 
 @given(st.lists(st.integers(0, 50), max_size=60))
@@ -124,7 +124,7 @@ def test_orders_keep_the_newest_attempt_per_epoch(tmp_path):
 
 
 def test_sampler_passes_are_numbered_and_a_resume_order_replaces_the_first(tmp_path):
-    from oomguard.guard.ledger import _RecordingSampler
+    from oomguard.guard.resume.ledger import _RecordingSampler
 
     cb = SampleLedgerCallback(tmp_path, attempt=2)
     cb.first_epoch, cb.resume_order = 3, [9, 8]
@@ -162,17 +162,17 @@ def test_a_repacked_resume_is_stated_in_the_journal(tmp_path):
     class FakeTrainer:
         args = _args(max_length=64, packing=True)
 
-    assert state_packed_length_change(FakeTrainer(), checkpoint, Journal(run_dir)) == (128, 64)
+    assert state_packed_length_change(FakeTrainer(), checkpoint, EventWriter(run_dir)) == (128, 64)
     events = list(protocol.read_jsonl(run_dir / protocol.EVENTS_JSONL))
     [event] = [e for e in events if e["event"] == "resume_position_inexact"]
     assert event["max_length"] == [128, 64] and event["step"] == 3 and "packing" in event["detail"]
     FakeTrainer.args = _args(max_length=128, packing=True)
-    assert state_packed_length_change(FakeTrainer(), checkpoint, Journal(run_dir)) is None
+    assert state_packed_length_change(FakeTrainer(), checkpoint, EventWriter(run_dir)) is None
     assert len(list(protocol.read_jsonl(run_dir / protocol.EVENTS_JSONL))) == 1
 
 
 def test_packed_plan_maps_rows_seen_to_examples_and_keeps_the_rest_in_order():
-    from oomguard.guard.position import plan_packed
+    from oomguard.guard.resume.packed import plan_packed
 
     old_rows = [(0, 5), (1,), (2, 3, 4), (6,)]  # example ids per row at the old max_length
     entries = [StepSamples(1, 1, 0, (2,)), StepSamples(2, 1, 0, (0,)), StepSamples(3, 2, 0, (3,))]
@@ -190,7 +190,7 @@ def test_batch_size_reads_mappings_that_are_not_dicts():
     import torch
     from transformers import BatchEncoding
 
-    from oomguard.guard.ledger import _batch_size
+    from oomguard.guard.resume.ledger import _batch_size
 
     assert _batch_size(BatchEncoding({"input_ids": torch.zeros(3, 7), "labels": torch.zeros(3, 7)})) == 3
     assert _batch_size({"inputs_embeds": torch.zeros(5, 2, 4)}) == 5

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oomguard.guard.lora_cut import LoraCutError, cut_adapter, cut_pair, lora_scaling
+from oomguard.guard.resume.lora_cut import LoraCutError, cut_adapter, cut_pair, lora_scaling
 
 
 def pair(out, inp, r, seed, dtype=torch.float32):

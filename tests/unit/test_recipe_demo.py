@@ -3,7 +3,7 @@
 import sys
 
 from oomguard import protocol
-from oomguard.recipes.demo import DEMO_INJECT, demo_command, demo_vram_limit_on_cuda
+from oomguard.recipes.demo_plan import DEMO_INJECT, demo_command, demo_vram_limit_on_cuda
 from oomguard.recipes.options import resolve_options
 
 
@@ -23,3 +23,13 @@ def test_demo_faults_parse_and_fall_between_checkpoints():
 
 def test_no_emulated_card_for_the_tiny_model():
     assert demo_vram_limit_on_cuda() is None
+
+
+def test_the_plan_per_machine():
+    from oomguard.recipes.demo_plan import CUDA_CAP, CUDA_EXTRA, CUDA_INJECT, demo_plan
+
+    cpu = demo_plan(gpu_name=None, output_dir="/tmp/x", python="py")
+    assert (cpu.vram_limit, cpu.inject, cpu.command) == (None, DEMO_INJECT, demo_command("py", output_dir="/tmp/x"))
+    gpu = demo_plan(gpu_name="NVIDIA H200", output_dir="/tmp/x", python="py")
+    assert (gpu.vram_limit, gpu.inject) == (CUDA_CAP, CUDA_INJECT) and gpu.command[-len(CUDA_EXTRA):] == CUDA_EXTRA
+    assert "NVIDIA H200" in gpu.where

@@ -1,0 +1,163 @@
+"""FaultInjectionCallback: real failures on demand (``OOMGUARD_INJECT``), each once per run.
+
+Faults are armed only under a live supervisor that asked for them (``env.faults_armed``).
+Fired faults are remembered in ``<run_dir>/injected.json`` (rank k: ``injected.rank<k>.json``)
+*before* they fire, so a resumed attempt — or a fault that kills the process — never repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from transformers import TrainerCallback
+
+from oomguard import protocol
+from oomguard.guard.env import faults_armed
+from oomguard.guard.writer import EventWriter
+from oomguard.protocol import Fault
+
+__all__ = ["armed_faults", "due_faults", "FaultInjectionCallback", "FaultLedger", "INJECTED_JSON", "injected_oom"]
+
+INJECTED_JSON = "injected.json"
+
+
+class FaultLedger:
+    """Which fault keys already fired in this run; in memory only without a run dir."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fired: set[str] = set(self._read())
+
+    def _read(self) -> list[str]:
+        if self.path is None or not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []  # a torn file: at worst a fault fires again
+        return [str(k) for k in data] if isinstance(data, list) else []
+
+    def fired(self, fault: Fault) -> bool:
+        return fault.key in self._fired
+
+    def mark(self, fault: Fault) -> None:
+        self._fired.add(fault.key)
+        if self.path is not None:
+            protocol.atomic_write_json(self.path, sorted(self._fired))
+
+
+def due_faults(faults: Iterable[Fault], ledger: FaultLedger, *, kind: str, rank: int, attempt: int,
+               step: int | None = None) -> list[Fault]:
+    """Faults of ``kind`` that should fire now; ``step`` None matches only faults without a step. Pure."""
+    out = []
+    for f in faults:
+        if f.kind != kind or ledger.fired(f):
+            continue
+        if (f.rank is not None and f.rank != rank) or (f.attempt is not None and f.attempt != attempt):
+            continue
+        if f.step is not None and (step is None or step < f.step):
+            continue
+        out.append(f)
+    return out
+
+
+def armed_faults(faults: tuple[Fault, ...], environ: Mapping[str, str]) -> tuple[Fault, ...]:
+    """``faults`` when a live supervisor asked for them (``faults_armed``), else none, said once on stderr."""
+    why = faults_armed(environ) if faults else None
+    if why is None:
+        return faults
+    print(f"oomguard guard: ignoring {protocol.ENV_INJECT}={environ.get(protocol.ENV_INJECT)!r}: {why}; "
+          "faults fire only under `oomguard run --inject` (unset the variable to silence this)", file=sys.stderr)
+    return ()
+
+
+def injected_oom(where: str) -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError(
+        f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by oomguard: {where}). "
+        "This is a test fault from OOMGUARD_INJECT; unset it to train normally.")
+
+
+class FaultInjectionCallback(TrainerCallback):
+    """Honours ``faults``: cuda_oom (forward of step N), nan/inf (loss of step N), crash, hang,
+    host_oom (SIGKILL), resume_oom (at train begin of a resumed run), eval_oom (next eval >= N)."""
+
+    STEP_KINDS = ("crash", "hang", "host_oom")
+
+    def __init__(self, faults: Iterable[Fault], run_dir: str | Path | None = None, *, rank: int = 0,
+                 attempt: int = 1, environ: Mapping[str, str] | None = None):
+        self.faults = armed_faults(tuple(faults), os.environ if environ is None else environ)
+        self.journal = EventWriter(run_dir, rank)
+        self.ledger = FaultLedger(self.journal.rank_file(INJECTED_JSON))
+        self.rank, self.attempt = rank, attempt
+        self._armed: Fault | None = None  # a forward fault waiting for the next forward
+        self._hooked = False
+        self._completed = 0  # global_step when the current step began
+
+    def _due(self, kind: str, step: int | None) -> Fault | None:
+        due = due_faults(self.faults, self.ledger, kind=kind, rank=self.rank, attempt=self.attempt, step=step)
+        return due[0] if due else None
+
+    def _fire(self, fault: Fault, step: int, **extra) -> None:
+        self.ledger.mark(fault)  # before firing: host_oom and hang never come back
+        self.journal.emit("fault_injected", step=step, fault=fault.kind, key=fault.key, **extra)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and not self._hooked and self.faults:
+            target = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model
+            # The embedding runs in every forward path, including TRL's fused-loss one.
+            target.register_forward_pre_hook(self._pre_forward)
+            target.register_forward_hook(self._post_forward)
+            self._hooked = True
+        fault = self._due("resume_oom", state.global_step) if state.global_step > 0 else None
+        if fault is not None:
+            self._fire(fault, state.global_step)
+            raise injected_oom("resume_oom while loading the checkpoint")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._completed = state.global_step
+        step = state.global_step + 1  # the step now starting
+        for kind in ("cuda_oom", "nan", "inf"):
+            fault = self._due(kind, step)
+            if fault is not None and self._armed is None:
+                self._armed = fault
+        for kind in self.STEP_KINDS:
+            fault = self._due(kind, step)
+            if fault is not None:
+                self._fire(fault, state.global_step)
+                self._step_fault(kind)
+
+    def _step_fault(self, kind: str) -> None:
+        if kind == "crash":
+            raise RuntimeError("injected crash (OOMGUARD_INJECT); unset it to train normally")
+        if kind == "host_oom":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while kind == "hang":
+            time.sleep(3600)  # no more heartbeats: the supervisor's hang timeout must fire
+
+    def _pre_forward(self, module, args):
+        fault = self._armed
+        if fault is not None and fault.kind == "cuda_oom" and module.training:
+            self._armed = None
+            self._fire(fault, self._completed)
+            raise injected_oom(f"forward of step {fault.step}")
+
+    def _post_forward(self, module, args, output):
+        fault = self._armed
+        if fault is not None and fault.kind in ("nan", "inf") and module.training:
+            self._armed = None
+            self._fire(fault, self._completed)
+            # Every activation downstream, the loss and hence every trainable gradient turn non-finite.
+            return output * float(fault.kind)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        fault = self._due("eval_oom", state.global_step)
+        if fault is not None:
+            self._fire(fault, state.global_step)
+            raise injected_oom(f"evaluation after step {state.global_step}")
