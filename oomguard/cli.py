@@ -52,8 +52,8 @@ def _command_for(run_dir: Path, given: list[str]) -> list[str]:
     A different command for an existing run is refused: it would run the old command (from
     scratch) into the new command's output dir."""
     from .errors import RunDirError
-    from .supervisor.journal import check_not_in_use, command_text, load_record, masked_secrets, remember_command
     from .protocol import redact_argv
+    from .supervisor.journal import check_not_in_use, command_text, load_record, masked_secrets, remember_command
     from .supervisor.spec import check_run_dir
 
     check_run_dir(run_dir)  # a file, or a dir below one, is named as such, not as "not a run dir"

@@ -575,8 +575,8 @@ def table(result: dict) -> str:
         for shape, r in p.get("shapes", {}).items():
             d, losses = r.get("stage_deltas_gib") or {}, r.get("losses") or [None]
             longest = max((b[1] for b in r.get("batches") or []), default=None)  # padded tokens per row
-            cells = [longest, r.get("peak_allocated_gib"), r.get("peak_reserved_gib"), d.get("weights"), d.get("upcast"),
-                     d.get("lora"), d.get("optimizer_state"), losses[0], losses[-1], r.get("train_s")]
+            cells = [longest, r.get("peak_allocated_gib"), r.get("peak_reserved_gib"), d.get("weights"),
+                     d.get("upcast"), d.get("lora"), d.get("optimizer_state"), losses[0], losses[-1], r.get("train_s")]
             widths = (8, 11, 10, 9, 9, 7, 7, 10, 10, 9)
             lines.append(f"{path:<11}{shape:<8}" + "".join(f"{_cell(c):>{w}}" for c, w in zip(cells, widths)))
             snap = r.get("snapshot")

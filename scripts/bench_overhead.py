@@ -49,6 +49,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_common  # noqa: E402
+
 from oomguard.protocol import atomic_write_json  # noqa: E402
 
 WARMUP = 2  # steps dropped at the start of each arm

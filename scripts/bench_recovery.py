@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_common  # noqa: E402
+
 from oomguard.protocol import read_jsonl  # noqa: E402
 
 POLICIES = ROOT / "oomguard" / "policies"
@@ -309,9 +310,9 @@ def run_sweeps(args) -> None:
 
 def sweep_worker(args) -> None:
     """Load the model once under the cap; a few optimizer steps per configuration."""
+    import bench_train
     import torch
 
-    import bench_train
     from oomguard.guard import apply_vram_limit
     from oomguard.protocol import parse_size
 

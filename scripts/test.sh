@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# one BLAS/OpenMP thread per training process: the tests run two workers (and multi-rank children) on
+# two cores, and oversubscribed torch threads made the CPU trainings about 2x slower (measured)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 set +e
 # two workers (CI has 2 cores); a file's tests stay on one worker
 .venv/bin/python -m pytest -q -n "${OOMGUARD_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -24,7 +24,7 @@ __all__ = ["ArgsRecord", "Context"]
 class ArgsRecord:
     """What the bootstrap did to one arguments object (journaled when its Trainer is built)."""
 
-    changes: tuple[knob_map.KnobChange, ...]
+    changes: tuple[knob_map.FieldEdit, ...]
     skipped: tuple[knob_map.KnobSkipped, ...]
     auto_find_forced_off: bool
     output_dir: dict[str, str] | None  # {"old", "new"} when redirected

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from oomguard import knobs as registry
 from oomguard import protocol
 
-__all__ = ["apply", "BY_COMMAND", "field_names", "force_off_auto_find_batch_size", "KnobChange", "KnobSkipped",
+__all__ = ["apply", "BY_COMMAND", "field_names", "force_off_auto_find_batch_size", "FieldEdit", "KnobSkipped",
            "LORA_KNOBS", "plan", "via", "Via"]
 
 # Knobs that live in the PEFT config, not the arguments (bootstrap/lora.py).
@@ -32,7 +32,10 @@ class Via(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class KnobChange:
+class FieldEdit:
+    """One order set on one field of the child's arguments object (the policy's knob change is
+    ``protocol.run_record.KnobChange``)."""
+
     knob: str
     field: str
     old: Any
@@ -65,12 +68,12 @@ def via(knob: str, old: Any, new: Any, delivered: Mapping[str, str]) -> Via:
 
 
 def plan(args: Any, orders: Mapping[str, Any], delivered: Mapping[str, str] | None = None, *,
-         cuda: bool = True) -> tuple[list[KnobChange], list[KnobSkipped]]:
+         cuda: bool = True) -> tuple[list[FieldEdit], list[KnobSkipped]]:
     """What applying oomguard's ``orders`` to ``args`` would change, and what cannot be applied (why).
     Only orders are applied: on attempt 1 of a wrapped command there are none (Trust rule 1)."""
     delivered = delivered or {}
     names = field_names(args)
-    changes: list[KnobChange] = []
+    changes: list[FieldEdit] = []
     skipped: list[KnobSkipped] = []
     for knob, value in orders.items():
         if knob in LORA_KNOBS:
@@ -85,7 +88,7 @@ def plan(args: Any, orders: Mapping[str, Any], delivered: Mapping[str, str] | No
     return changes, skipped
 
 
-def _plain(args: Any, names: set[str], knob: str, value: Any, delivered) -> tuple[list[KnobChange], str]:
+def _plain(args: Any, names: set[str], knob: str, value: Any, delivered) -> tuple[list[FieldEdit], str]:
     candidates = registry.spec(knob).fields
     fields = [f for f in candidates if f in names]
     if not fields:
@@ -95,11 +98,11 @@ def _plain(args: Any, names: set[str], knob: str, value: Any, delivered) -> tupl
     for name in fields:
         old = getattr(args, name)
         new = type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else value
-        out.append(KnobChange(knob, name, old, new, via(knob, old, new, delivered)))
+        out.append(FieldEdit(knob, name, old, new, via(knob, old, new, delivered)))
     return out, ""
 
 
-def _precision(args: Any, names: set[str], value: str, delivered, cuda: bool) -> tuple[list[KnobChange], str]:
+def _precision(args: Any, names: set[str], value: str, delivered, cuda: bool) -> tuple[list[FieldEdit], str]:
     if value not in protocol.PRECISIONS:
         return [], f"precision {value!r} is not one of {', '.join(protocol.PRECISIONS)}"
     if not {"bf16", "fp16"} <= names:
@@ -109,10 +112,10 @@ def _precision(args: Any, names: set[str], value: str, delivered, cuda: bool) ->
     want = {"bf16": value == "bf16", "fp16": value == "fp16"}
     old = {"bf16": bool(getattr(args, "bf16")), "fp16": bool(getattr(args, "fp16"))}
     how = via(protocol.KNOB_PRECISION, old, want, delivered)
-    return [KnobChange(protocol.KNOB_PRECISION, f, old[f], want[f], how) for f in ("bf16", "fp16")], ""
+    return [FieldEdit(protocol.KNOB_PRECISION, f, old[f], want[f], how) for f in ("bf16", "fp16")], ""
 
 
-def apply(args: Any, changes: list[KnobChange]) -> None:
+def apply(args: Any, changes: list[FieldEdit]) -> None:
     """Set each planned field; keep ``mixed_precision`` (derived in __post_init__) in step."""
     for change in changes:
         setattr(args, change.field, change.new)

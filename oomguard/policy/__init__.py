@@ -5,17 +5,64 @@ standard library: no torch, no clock, no subprocess. The only I/O is loading fil
 """
 
 from oomguard.policy.decision import HANDLERS, decide, rung_uses
-from oomguard.policy.device import (BF16_MIN_CAPABILITY, DEFAULT_POLICY, GpuInfo, bf16_capable, bf16_supported,
-                                    device_capabilities, matches, select_policy)
-from oomguard.policy.ladder import (LADDER_FALLBACK, OOM_KINDS, apply_rung, effective_batch, ladder_chain,
-                                    largest_proper_divisor, rung_budget, truncation_share)
-from oomguard.policy.loader import (load_all_shipped, load_policy, load_policy_arg, parse_policy,
-                                    policy_json_schema, shipped_policy_paths)
-from oomguard.policy.records import (AttemptView, CheckpointInfo, DataProfile, Decision, DecisionAction,
-                                     DeviceCapabilities, Evidence, Failure, GiveUpReason, KnobChange, ResumeClass,
-                                     ResumeMode, RungRef, SetAside, SetAsideReason)
-from oomguard.policy.schema import (FlagNames, FlagSpec, Knobs, Ladder, Ladders, Limits, LrRule,
-                                    Match, Policy, Rung, RungOp)
+from oomguard.policy.device import (
+                                    BF16_MIN_CAPABILITY,
+                                    DEFAULT_POLICY,
+                                    GpuInfo,
+                                    bf16_capable,
+                                    bf16_supported,
+                                    device_capabilities,
+                                    matches,
+                                    select_policy,
+)
+from oomguard.policy.ladder import (
+                                    LADDER_FALLBACK,
+                                    OOM_KINDS,
+                                    apply_rung,
+                                    effective_batch,
+                                    ladder_chain,
+                                    largest_proper_divisor,
+                                    rung_budget,
+                                    truncation_share,
+)
+from oomguard.policy.loader import (
+                                    load_all_shipped,
+                                    load_policy,
+                                    load_policy_arg,
+                                    parse_policy,
+                                    policy_json_schema,
+                                    shipped_policy_paths,
+)
+from oomguard.policy.records import (
+                                    AttemptView,
+                                    CheckpointInfo,
+                                    DataProfile,
+                                    Decision,
+                                    DecisionAction,
+                                    DeviceCapabilities,
+                                    Evidence,
+                                    Failure,
+                                    GiveUpReason,
+                                    KnobChange,
+                                    ResumeClass,
+                                    ResumeMode,
+                                    RungRef,
+                                    SetAside,
+                                    SetAsideReason,
+)
+from oomguard.policy.schema import (
+                                    FlagNames,
+                                    FlagSpec,
+                                    Knobs,
+                                    Ladder,
+                                    Ladders,
+                                    Limits,
+                                    LrRule,
+                                    Match,
+                                    Policy,
+                                    Rung,
+                                    RungOp,
+)
 
 __all__ = [
     "AttemptView", "BF16_MIN_CAPABILITY", "CheckpointInfo", "DEFAULT_POLICY", "DataProfile", "Decision",

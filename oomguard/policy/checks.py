@@ -13,11 +13,22 @@ from typing import Annotated, Any, Iterator
 
 from pydantic import TypeAdapter, ValidationError
 
-from oomguard.protocol import KNOB_PRECISION, FailureKind
 from oomguard.policy.ladder import apply_rung
-from oomguard.policy.schema import (Capabilities, FlagNames, HalveBatchRung, Knobs,
-                                    Ladders, Limits, Match, QuantileStepRung, Rung, ScaleRung,
-                                    SetRung, StepDownRung)
+from oomguard.policy.schema import (
+    Capabilities,
+    FlagNames,
+    HalveBatchRung,
+    Knobs,
+    Ladders,
+    Limits,
+    Match,
+    QuantileStepRung,
+    Rung,
+    ScaleRung,
+    SetRung,
+    StepDownRung,
+)
+from oomguard.protocol import KNOB_PRECISION, FailureKind
 
 __all__ = ["Sections", "check_sections"]
 

@@ -15,14 +15,27 @@ from pathlib import PurePath
 from typing import Any, Callable, Mapping, Sequence
 
 from oomguard.knobs import effective_batch
-from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind, Phase, ResumeMode
 from oomguard.policy.ladder import ladder_chain, lr_adjustment, truncation_share
 from oomguard.policy.narrative import describe_cause, describe_changes, describe_checkpoint, describe_knobs
-from oomguard.policy.records import (AttemptView, CheckpointInfo, DataProfile, Decision, DecisionAction,
-                                     DeviceCapabilities, Evidence, Failure, GiveUpReason, KnobChange, ResumeClass,
-                                     RungRef, SetAside, SetAsideReason)
+from oomguard.policy.records import (
+    AttemptView,
+    CheckpointInfo,
+    DataProfile,
+    Decision,
+    DecisionAction,
+    DeviceCapabilities,
+    Evidence,
+    Failure,
+    GiveUpReason,
+    KnobChange,
+    ResumeClass,
+    RungRef,
+    SetAside,
+    SetAsideReason,
+)
 from oomguard.policy.rungs import Pick, RungChoice, pick_rung
 from oomguard.policy.schema import Policy
+from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind, Phase, ResumeMode
 
 __all__ = ["HANDLERS", "decide", "rung_uses"]
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from oomguard.errors import PolicyError
-from oomguard.protocol import BF16_MIN_CAPABILITY, bf16_capable
 from oomguard.policy.records import DeviceCapabilities
 from oomguard.policy.schema import Policy
+from oomguard.protocol import BF16_MIN_CAPABILITY, bf16_capable
 
 __all__ = ["BF16_MIN_CAPABILITY", "DEFAULT_POLICY", "GpuInfo", "bf16_capable", "bf16_supported",
            "device_capabilities", "matches", "select_policy"]

@@ -9,10 +9,18 @@ import math
 from typing import Any, Mapping
 
 from oomguard import knobs as knobs_registry
-from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind
 from oomguard.policy.records import DataProfile
-from oomguard.policy.schema import (HalveBatchRung, LrRule, Policy, QuantileStepRung, Rung, ScaleRung,
-                                    SetRung, StepDownRung)
+from oomguard.policy.schema import (
+    HalveBatchRung,
+    LrRule,
+    Policy,
+    QuantileStepRung,
+    Rung,
+    ScaleRung,
+    SetRung,
+    StepDownRung,
+)
+from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind
 
 __all__ = ["KNOB_LEARNING_RATE", "KNOB_MINIMUM", "LADDER_FALLBACK", "OOM_FALLBACK_KINDS", "OOM_KINDS",
            "apply_rung", "effective_batch", "ladder_chain", "largest_proper_divisor", "lr_adjustment",

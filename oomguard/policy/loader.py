@@ -19,8 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from oomguard.errors import PolicyError
 from oomguard.policy.checks import Sections, check_sections
 from oomguard.policy.problems import Problem, format_lines, pydantic_problems, yaml_problem
-from oomguard.policy.schema import (Capabilities, FlagNames, Knobs, Ladders, Limits, Match,
-                                    Policy)
+from oomguard.policy.schema import Capabilities, FlagNames, Knobs, Ladders, Limits, Match, Policy
 
 __all__ = ["JSON_SCHEMA_DIALECT", "MAX_POLICY_BYTES", "load_all_shipped", "load_policy", "load_policy_arg",
            "parse_policy", "policy_json_schema", "shipped_policy_paths"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Any, Mapping, Sequence
 
-from oomguard.protocol import CORE_KNOBS, KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind, Phase
 from oomguard.policy.records import Failure, KnobChange, ResumeClass
 from oomguard.policy.schema import Limits
+from oomguard.protocol import CORE_KNOBS, KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH, FailureKind, Phase
 
 __all__ = ["KIND_WORDS", "describe_cause", "describe_changes", "describe_checkpoint", "describe_knobs"]
 

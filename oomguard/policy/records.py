@@ -12,8 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from oomguard.protocol import ErrorRecord, ResumeMode
-from oomguard.protocol.run_record import (Decision, DecisionAction, Failure, GiveUpReason, KnobChange, ResumeClass,
-                                          RungRef, SetAside, SetAsideReason)
+from oomguard.protocol.run_record import (
+    Decision,
+    DecisionAction,
+    Failure,
+    GiveUpReason,
+    KnobChange,
+    ResumeClass,
+    RungRef,
+    SetAside,
+    SetAsideReason,
+)
 
 __all__ = ["AttemptView", "CheckpointInfo", "DataProfile", "Decision", "DecisionAction", "DeviceCapabilities",
            "Evidence", "Failure", "GiveUpReason", "KnobChange", "ResumeClass", "ResumeMode", "RungRef", "SetAside",

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from oomguard.knobs import needs
-from oomguard.protocol import BF16_MIN_CAPABILITY, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind
 from oomguard.policy.ladder import apply_rung, truncation_share
 from oomguard.policy.records import AttemptView, DataProfile, RungRef
 from oomguard.policy.schema import Policy, Rung, RungOp, SetRung
+from oomguard.protocol import BF16_MIN_CAPABILITY, KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind
 
 __all__ = ["Pick", "RungChoice", "pick_rung", "rung_words"]
 

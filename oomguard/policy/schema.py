@@ -10,12 +10,18 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat,
-                      StrictInt, StrictStr)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from oomguard.protocol import (KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_LORA_ALPHA, KNOB_LORA_R,
-                               KNOB_MAX_SEQ_LENGTH, KNOB_PRECISION, FailureKind)
 from oomguard.policy.records import ResumeClass
+from oomguard.protocol import (
+    KNOB_BATCH,
+    KNOB_GRAD_ACCUM,
+    KNOB_LORA_ALPHA,
+    KNOB_LORA_R,
+    KNOB_MAX_SEQ_LENGTH,
+    KNOB_PRECISION,
+    FailureKind,
+)
 
 __all__ = ["Backoff", "CORE_KNOB_ORDER", "Capabilities", "FlagNames", "FlagSpec", "HalveBatchRung", "KnobValue",
            "Knobs", "Ladder", "Ladders", "Limits", "LrRule", "Match", "MemoryRange", "Number", "Policy", "Precision",

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..knobs import CORE, effective_batch
 from ..errors import RunDirError
+from ..knobs import CORE, effective_batch
 from ..protocol import EVENT_STEP, EVENTS_JSONL, RUN_JSON, read_jsonl
 from ..supervisor.journal import event_problem, read_run_json, record_problems
 

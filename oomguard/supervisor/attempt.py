@@ -16,9 +16,26 @@ from typing import Any
 import psutil
 
 from ..knobs import REGISTRY, effective_batch
-from ..protocol import (CKPT_TRAINER_STATE, ENV_ATTEMPT, ENV_CHECKPOINT_DIR, ENV_ERROR_FILE, ENV_INJECT, ENV_KNOBS,
-                        ENV_OBSERVE, ENV_RESUME_FROM, ENV_RESUME_MODE, ENV_RUN_DIR, ENV_SUPERVISOR_PID,
-                        ENV_VRAM_LIMIT, ERROR_JSON, KNOBS_JSON, ErrorRecord, Event, ResumeMode, atomic_write_json)
+from ..protocol import (
+    CKPT_TRAINER_STATE,
+    ENV_ATTEMPT,
+    ENV_CHECKPOINT_DIR,
+    ENV_ERROR_FILE,
+    ENV_INJECT,
+    ENV_KNOBS,
+    ENV_OBSERVE,
+    ENV_RESUME_FROM,
+    ENV_RESUME_MODE,
+    ENV_RUN_DIR,
+    ENV_SUPERVISOR_PID,
+    ENV_VRAM_LIMIT,
+    ERROR_JSON,
+    KNOBS_JSON,
+    ErrorRecord,
+    Event,
+    ResumeMode,
+    atomic_write_json,
+)
 from ..protocol.run_record import Failure, RungRef
 from .checkpoints import checkpoint_step, scan_checkpoints
 from .command import build_command
@@ -30,8 +47,8 @@ from .progress import completed_step
 from .ranks import rank_records, root_cause_text
 from .recipe import observe_attempt
 from .resume_point import checkpoint_dir
-from .trackers import tracker_env
 from .spec import RunSpec, policy_knobs, say
+from .trackers import tracker_env
 
 __all__ = ["Plan", "child_env", "finish_attempt", "max_step", "start_attempt", "watch_of"]
 

@@ -19,8 +19,18 @@ import dataclasses
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..knobs import (OUTPUT_DIR_FLAGS, PRECISION, PRECISION_BOOL_FIELDS, PRECISIONS, REGISTRY, RESUME_FLAGS,
-                     Delivery, coerce, flag_spellings, spec)
+from ..knobs import (
+    OUTPUT_DIR_FLAGS,
+    PRECISION,
+    PRECISION_BOOL_FIELDS,
+    PRECISIONS,
+    REGISTRY,
+    RESUME_FLAGS,
+    Delivery,
+    coerce,
+    flag_spellings,
+    spec,
+)
 
 __all__ = ["BuiltCommand", "build_command", "flags_in_command", "knobs_in_command", "output_dir_of",
            "read_flag", "world_size_of", "RESUME_FLAGS", "OUTPUT_DIR_FLAGS"]

@@ -20,8 +20,22 @@ from typing import Any
 import psutil
 
 from ..errors import RunDirError
-from ..protocol import (ATTEMPTS_DIR, EVENTS_JSONL, HEARTBEAT, LOCK_FILE, POLICY_COPY, RUN_JSON, SECRET_MASK,
-                        RunStatus, atomic_write_json, emit_event, read_jsonl, redact, redact_argv, secret_values)
+from ..protocol import (
+    ATTEMPTS_DIR,
+    EVENTS_JSONL,
+    HEARTBEAT,
+    LOCK_FILE,
+    POLICY_COPY,
+    RUN_JSON,
+    SECRET_MASK,
+    RunStatus,
+    atomic_write_json,
+    emit_event,
+    read_jsonl,
+    redact,
+    redact_argv,
+    secret_values,
+)
 from ..protocol.run_record import AttemptRecord, RunRecord, record_problems
 
 __all__ = ["AttemptRecord", "DIR_MODE", "FILE_MODE", "Journal", "RunLock", "RunRecord", "check_not_in_use",

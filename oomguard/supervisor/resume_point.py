@@ -21,8 +21,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..protocol import Event
 from ..protocol.run_record import SetAside, SetAsideReason
-from .checkpoints import CheckpointScan, move_aside, move_aside_incomplete, quarantine_checkpoint, scan_checkpoints, \
-    written_since
+from .checkpoints import (
+    CheckpointScan,
+    move_aside,
+    move_aside_incomplete,
+    quarantine_checkpoint,
+    scan_checkpoints,
+    written_since,
+)
 from .command import RESUME_FLAGS, read_flag
 from .journal import Journal
 

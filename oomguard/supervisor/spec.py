@@ -12,12 +12,11 @@ from pydantic import BaseModel
 
 from ..errors import RunDirError, UsageError
 from ..policy import GpuInfo, Policy, load_all_shipped, load_policy_arg, select_policy
-from ..protocol import (ATTEMPTS_DIR, EVENTS_JSONL, HEARTBEAT, LOCK_FILE, POLICY_COPY, RUN_JSON, parse_inject,
-                        parse_size)
+from ..protocol import ATTEMPTS_DIR, EVENTS_JSONL, HEARTBEAT, LOCK_FILE, POLICY_COPY, RUN_JSON, parse_inject, parse_size
 from .command import knobs_in_command, output_dir_of, world_size_of
+from .console import say as console_say
 from .gpu import detect_gpu, emulated_gpu
 from .launch import is_builtin_recipe
-from .console import say as console_say
 from .process import exec_problem
 
 __all__ = ["MIN_FREE_BYTES", "Recovery", "RecoveryHook", "RunSpec", "build_spec", "check_run_dir", "first_orders",

@@ -21,7 +21,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_py
 
 BIG, SMALL = 16, 8  # per-device batch; 512 tokens a row

@@ -162,5 +162,6 @@ def test_the_console_shows_decisions_on_their_own_lines_and_no_full_traceback(re
         assert "Traceback (most recent call last)" in (run_dir / log).read_text()  # the log keeps it whole
     assert len([line for line in shown if re.match(r'\s*File "', line)]) == 0  # frames only as "last frame"
     status = [line for line in shown if re.match(r"\[oomguard\] attempt \d+ · ", line)]
-    assert any(f"step 1/{MAX_STEPS}" in line and "as requested" in line for line in status), status
+    # the status line is sampled on the supervisor's ticks: which step it first sees depends on speed
+    assert any(re.search(rf"step \d+/{MAX_STEPS}", line) and "as requested" in line for line in status), status
     assert any(line.startswith("[oomguard] attempt 2 · after CUDA OOM: ") for line in status), status

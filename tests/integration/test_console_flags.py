@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_catalogue_runs import run_in_pty, strict_env
 
 HERE = Path(__file__).parent

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from oomguard.supervisor.process import StopFlag
-
 from oomguard.supervisor.tree import run_processes
 
 HERE = Path(__file__).parent

@@ -6,8 +6,8 @@ and the sample budget of ``max_steps`` is kept (3 steps of 4 left = 6 steps of 2
 """
 
 import pytest
-
 from _recipe_run import events, recipe
+
 from oomguard.guard.resume.ledger import ledger_file, read_ledger, samples_seen
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _recipe_run import ROOT, digest, events, state
+
 from oomguard.recipes import default
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,8 @@ import json
 import shutil
 
 import pytest
-from safetensors.torch import load_file
-
 from _recipe_run import SMALL, digest, events, losses, recipe, state
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 # lr 1e-2 so three steps move the adapter enough that losing it would show in the loss

@@ -10,8 +10,8 @@ example exactly once), the example ids being read from the ledger's rows through
 import json
 
 import pytest
-
 from _recipe_run import events, recipe
+
 from oomguard.guard.resume.ledger import ledger_file, read_ledger
 from oomguard.guard.resume.packed import packed_rows, rows_mismatch, tokenized_examples
 from oomguard.recipes import default

@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-
 from _recipe_run import SMALL, digest, events, recipe, state
+
 from oomguard.guard.resume import PrecisionError, bf16_refusal, check_precision
 from oomguard.recipes import default
 

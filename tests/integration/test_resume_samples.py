@@ -7,9 +7,9 @@ HF's skip of ``global_step × accumulation`` batches must land on the exact next
 """
 
 import pytest
+from _recipe_run import events, losses, recipe, state
 from safetensors.torch import load_file
 
-from _recipe_run import events, losses, recipe, state
 from oomguard.guard.resume.ledger import ledger_file, read_ledger, samples_seen
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _wrap_run import BIN, oomguard_run
+
 from oomguard.guard.resume.ledger import ledger_file, read_ledger, samples_seen
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 import _wrap_packed_script as script
+import pytest
 from _wrap_run import oomguard_run
+
 from oomguard import protocol
 from oomguard.guard.resume.ledger import ledger_file, read_ledger
 from oomguard.guard.resume.packed import packed_rows, rows_mismatch, tokenized_examples

@@ -13,11 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _wrap_run import oomguard_run
-
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the [test] extra
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +29,15 @@ def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_one_tensorboard_run_spans_the_attempts_with_oomguard_scalars(tmp_path, model_dir, data_dir):
+    """On a CUDA machine the same test trains on the GPU and also finds the allocator figures."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     out, run_dir = tmp_path / "out", tmp_path / "run"
     oomguard_run(run_dir, OOM_POLICY, sys.executable, str(HERE / "commands" / "hf_script.py"),
                  "--model_path", str(model_dir), "--data_path", str(data_dir / "train.jsonl"),
                  "--output_dir", str(out), "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1",
-                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--use_cpu",
+                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", *([] if cuda else ["--use_cpu"]),
                  "--report_to", "tensorboard", "--dataloader_num_workers", "0")
     assert len(list((run_dir / "attempts").iterdir())) == 2, "the injected OOM must cost exactly one restart"
     runs = sorted({p.parent for p in (out / "runs").rglob("events.out.tfevents.*")})
@@ -49,3 +50,9 @@ def test_one_tensorboard_run_spans_the_attempts_with_oomguard_scalars(tmp_path, 
     assert attempts == {1.0, 2.0}, f"oomguard/attempt must mark both attempts: {attempts}"
     restarts = dict(scalars["train/oomguard/restarts"])
     assert restarts[6] == 1.0 and restarts[1] == 0.0
+    if cuda:  # the memory monitor's figures reach the tracker too (CPU has only host RSS)
+        allocated = dict(scalars["train/oomguard/allocated_gib"])
+        assert set(allocated) == set(range(1, 7)) and all(v > 0 for v in allocated.values()), allocated
+        assert "train/oomguard/fragmentation_gib" in scalars and "train/oomguard/alloc_retries" in scalars
+    else:
+        assert "train/oomguard/host_rss_gib" in scalars

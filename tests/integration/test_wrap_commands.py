@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _wrap_run import BIN, oomguard_run
+
 from oomguard.protocol import read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _wrap_run import BIN, ROOT
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,13 @@ import json
 import struct
 
 from oomguard import protocol
-from oomguard.supervisor.checkpoints import (QUARANTINE_DIR, quarantine_after, quarantine_after_nan,
-                                            safetensors_problem, scan_checkpoints)
+from oomguard.supervisor.checkpoints import (
+    QUARANTINE_DIR,
+    quarantine_after,
+    quarantine_after_nan,
+    safetensors_problem,
+    scan_checkpoints,
+)
 
 
 def make(ck, step, *, state_step=None, weights=True, truncate=0):

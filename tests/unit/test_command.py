@@ -6,8 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oomguard.supervisor.command import (build_command, flags_in_command, knobs_in_command, output_dir_of,
-                                         read_flag, world_size_of)
+from oomguard.supervisor.command import (
+    build_command,
+    flags_in_command,
+    knobs_in_command,
+    output_dir_of,
+    read_flag,
+    world_size_of,
+)
 
 FLAG, IN, PH = "flag", "in_process", "placeholder"
 HF_BASE = ["--output_dir", "x", "--use_cpu", "True"]  # use_cpu: bf16/fp16 need no GPU while parsing

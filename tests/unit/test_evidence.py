@@ -6,15 +6,27 @@ from __future__ import annotations
 import json
 
 import pytest
+from _loop_fakes import POLICY
 
-from oomguard.policy import (AttemptView, CheckpointInfo, Decision, DeviceCapabilities, Evidence, Failure, GpuInfo,
-                             RungRef, SetAsideReason, bf16_capable, bf16_supported, decide, device_capabilities,
-                             load_policy)
+from oomguard.policy import (
+    AttemptView,
+    CheckpointInfo,
+    Decision,
+    DeviceCapabilities,
+    Evidence,
+    Failure,
+    GpuInfo,
+    RungRef,
+    SetAsideReason,
+    bf16_capable,
+    bf16_supported,
+    decide,
+    device_capabilities,
+    load_policy,
+)
 from oomguard.protocol import ErrorRecord, FailureKind, Phase, ResumeMode
 from oomguard.protocol.run_record import AttemptRecord, RunRecord, record_problems
 from oomguard.supervisor.journal import AttemptRecord as JournalAttemptRecord
-
-from _loop_fakes import POLICY
 
 KNOBS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
 CKPTS = [CheckpointInfo("/o/checkpoint-2", 2), CheckpointInfo("/o/checkpoint-4", 4),

@@ -9,17 +9,24 @@ that ends in a known exit code, and its name in the report's schema. Every give-
 from __future__ import annotations
 
 import pytest
+from _loop_fakes import POLICY
 
 from oomguard.errors import ExitCode
-from oomguard.policy import (HANDLERS, LADDER_FALLBACK, AttemptView, DecisionAction, Failure, GiveUpReason, decide,
-                             load_policy)
+from oomguard.policy import (
+    HANDLERS,
+    LADDER_FALLBACK,
+    AttemptView,
+    DecisionAction,
+    Failure,
+    GiveUpReason,
+    decide,
+    load_policy,
+)
 from oomguard.policy.narrative import KIND_WORDS
 from oomguard.policy.schema import Ladders
 from oomguard.protocol import FailureKind, Phase
 from oomguard.report.schema import REPORT_JSON_SCHEMA
 from oomguard.supervisor.loop import GIVE_UP_EXIT
-
-from _loop_fakes import POLICY
 
 
 @pytest.mark.parametrize("kind", list(FailureKind))

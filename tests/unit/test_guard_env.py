@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.guard.device.allocator import ALLOC_CONF, apply_allocator_defaults
 from oomguard import protocol
+from oomguard.guard.device.allocator import ALLOC_CONF, apply_allocator_defaults
 from oomguard.guard.env import GuardEnv
 from oomguard.protocol import Fault
 

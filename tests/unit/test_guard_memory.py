@@ -6,8 +6,14 @@ import random
 import pytest
 
 from oomguard.guard.callbacks.cache import ClearReason, clear_reason
-from oomguard.guard.callbacks.memory import (GIB, detect_growth, project_cap_step, rising_share, sample_from_stats,
-                                   theil_sen)
+from oomguard.guard.callbacks.memory import (
+    GIB,
+    detect_growth,
+    project_cap_step,
+    rising_share,
+    sample_from_stats,
+    theil_sen,
+)
 
 MIB = 2**20
 

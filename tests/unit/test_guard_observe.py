@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from oomguard.guard.env import GuardEnv
 from oomguard.guard.callbacks.in_force import RecipeCallback, apply_lr_order
+from oomguard.guard.env import GuardEnv
 from oomguard.guard.observe import base_lr, observe
 from oomguard.protocol import EVENT_RECIPE_OBSERVED, STAGE_BUILT, STAGE_IN_FORCE
 

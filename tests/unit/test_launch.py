@@ -8,8 +8,14 @@ import pytest
 
 from oomguard.bootstrap import SITE_DIR
 from oomguard.protocol import ENV_BOOTSTRAP, ENV_DELIVERED, EVENT_BOOTSTRAP_TRAINER
-from oomguard.supervisor.launch import (Delivery, Launcher, bootstrap_env, bootstrap_outcome, classify_launcher,
-                                        launch_plan)
+from oomguard.supervisor.launch import (
+    Delivery,
+    Launcher,
+    bootstrap_env,
+    bootstrap_outcome,
+    classify_launcher,
+    launch_plan,
+)
 
 
 def _script(tmp_path, name, text):

@@ -6,9 +6,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from oomguard import protocol
-from oomguard.guard.resume.ledger import (SampleLedgerCallback, StepSamples, append_order, append_step, compress,
-                                          expand, ledger_file, order_file, read_ledger, read_orders,
-                                          remaining_in_epoch, samples_seen)
+from oomguard.guard.resume.ledger import (
+    SampleLedgerCallback,
+    StepSamples,
+    append_order,
+    append_step,
+    compress,
+    expand,
+    ledger_file,
+    order_file,
+    read_ledger,
+    read_orders,
+    remaining_in_epoch,
+    samples_seen,
+)
 from oomguard.guard.resume.packed import packed_length_change, state_packed_length_change
 from oomguard.guard.resume.position import Batch, PositionUnknown, checkpoint_batch, plan_position
 from oomguard.guard.writer import EventWriter

@@ -4,8 +4,8 @@ growth evidence on every OOM kind, the recovery hook. Fake launcher and clock (t
 from __future__ import annotations
 
 import pytest
-
 from _loop_fakes import Child, events, make_spec, run, write_checkpoint
+
 from oomguard.errors import ExitCode
 from oomguard.protocol import ENV_RESUME_MODE, ENV_STRICT_EVENTS, FailureKind, Phase, ResumeMode
 

@@ -6,11 +6,17 @@ from __future__ import annotations
 import os
 
 from _loop_fakes import make_spec, write_checkpoint
+
 from oomguard.protocol import EVENTS_JSONL, RunStatus, SetAside, SetAsideReason, read_jsonl
 from oomguard.protocol.run_record import RunRecord
 from oomguard.supervisor.journal import Journal
-from oomguard.supervisor.resume_point import (resume_point, set_aside, survey_checkpoints, tidy_checkpoints,
-                                              usable_checkpoints)
+from oomguard.supervisor.resume_point import (
+    resume_point,
+    set_aside,
+    survey_checkpoints,
+    tidy_checkpoints,
+    usable_checkpoints,
+)
 
 
 def _journal(tmp_path):

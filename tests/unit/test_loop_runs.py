@@ -8,9 +8,21 @@ from __future__ import annotations
 import signal
 
 import pytest
+from _loop_fakes import (
+    ACCUM,
+    BATCH,
+    SIGINT,
+    Child,
+    FakeClock,
+    FakeLauncher,
+    SupervisorDied,
+    events,
+    flag,
+    make_spec,
+    read_run,
+    run,
+)
 
-from _loop_fakes import (ACCUM, BATCH, SIGINT, Child, FakeClock, FakeLauncher, SupervisorDied, events, flag, make_spec,
-                         read_run, run)
 from oomguard.errors import ExitCode
 from oomguard.protocol import ENV_RESUME_FROM, ENV_STRICT_EVENTS, FailureKind, Phase
 from oomguard.supervisor.loop import supervise

@@ -2,8 +2,18 @@
 
 import pytest
 
-from oomguard.policy import (AttemptView, CheckpointInfo, DataProfile, Failure, GiveUpReason,
-                             ResumeClass, RungRef, decide, load_policy_arg, parse_policy)
+from oomguard.policy import (
+    AttemptView,
+    CheckpointInfo,
+    DataProfile,
+    Failure,
+    GiveUpReason,
+    ResumeClass,
+    RungRef,
+    decide,
+    load_policy_arg,
+    parse_policy,
+)
 from oomguard.protocol import FailureKind, Phase
 
 K = FailureKind

@@ -3,8 +3,16 @@
 import pytest
 from pydantic import TypeAdapter
 
-from oomguard.policy import (DataProfile, apply_rung, effective_batch, ladder_chain,
-                             largest_proper_divisor, load_policy_arg, rung_budget, truncation_share)
+from oomguard.policy import (
+    DataProfile,
+    apply_rung,
+    effective_batch,
+    ladder_chain,
+    largest_proper_divisor,
+    load_policy_arg,
+    rung_budget,
+    truncation_share,
+)
 from oomguard.policy.schema import Rung
 from oomguard.protocol import FailureKind
 

@@ -4,8 +4,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from oomguard.errors import PolicyError
-from oomguard.policy import (AttemptView, CheckpointInfo, DataProfile, Failure, GiveUpReason,
-                             decide, effective_batch, parse_policy, rung_budget)
+from oomguard.policy import (
+    AttemptView,
+    CheckpointInfo,
+    DataProfile,
+    Failure,
+    GiveUpReason,
+    decide,
+    effective_batch,
+    parse_policy,
+    rung_budget,
+)
 from oomguard.policy.schema import HalveBatchRung, QuantileStepRung, ScaleRung
 from oomguard.protocol import FailureKind
 

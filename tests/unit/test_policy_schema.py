@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from oomguard.errors import PolicyError
-from oomguard.policy import (load_policy, load_policy_arg, parse_policy, policy_json_schema,
-                             shipped_policy_paths)
+from oomguard.policy import load_policy, load_policy_arg, parse_policy, policy_json_schema, shipped_policy_paths
 
 GOOD = """\
 name: t4

@@ -8,8 +8,14 @@ from oomguard.protocol import ErrorRecord, FailureKind, Phase
 from oomguard.supervisor.classify import classify
 from oomguard.supervisor.command import world_size_of
 from oomguard.supervisor.process import ChildOutcome
-from oomguard.supervisor.ranks import (first_failed_worker, peer_lost, rank_of_heartbeat, rank_records,
-                                       root_cause_text, root_record)
+from oomguard.supervisor.ranks import (
+    first_failed_worker,
+    peer_lost,
+    rank_of_heartbeat,
+    rank_records,
+    root_cause_text,
+    root_record,
+)
 
 GLOO_PEER = ("builtins.RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
              "peer [127.0.0.1]:29855. This is typically caused by a remote worker crashing.")

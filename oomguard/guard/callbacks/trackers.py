@@ -22,8 +22,8 @@ from transformers import TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from oomguard.guard.env import GuardEnv
-from oomguard.protocol import Event
 from oomguard.guard.writer import EventWriter
+from oomguard.protocol import Event
 
 __all__ = ["EVENT_TRACKER_OBSERVED", "TrackerCallback", "install_tracker_callback", "reporting_callbacks",
            "tracker_runs"]

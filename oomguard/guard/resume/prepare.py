@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from oomguard import protocol
 from oomguard.guard import trainer_patches as internals
 from oomguard.guard.env import GuardEnv
 from oomguard.guard.resume.adapter import apply_cut, lora_change
