@@ -22,7 +22,8 @@ __all__ = ["die", "emergency_save"]
 def die(trainer, env: GuardEnv, tracker: PhaseTrackerCallback, failure: CaughtFailure, *,
         last_finite_step: int | None) -> None:
     """Say what failed on stderr, save what is safe, write the error record, ``sys.exit(1)``."""
-    sys.stderr.write(f"oomguard: training failed ({failure.kind.value} in {failure.phase.value} "
+    # a newline first: the child's own progress bar (tqdm, on stderr) may have left its line open
+    sys.stderr.write(f"\noomguard: training failed ({failure.kind.value} in {failure.phase.value} "
                      f"after step {trainer.state.global_step}, rank {env.rank}):\n{failure.traceback}")
     journal = EventWriter(env.run_dir, env.rank)
     saved, note = None, ""

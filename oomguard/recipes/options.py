@@ -128,7 +128,9 @@ def apply_environment(options: RecipeOptions, environ: Mapping[str, str]) -> Rec
     changes: dict[str, Any] = {}
     for name, value in _knobs_from(environ).items():
         if name not in _FIELDS:
-            print(f"oomguard: ignoring knob {name!r}={value!r}: the SFT recipe has no such option", file=sys.stderr)
+            if environ.get(protocol.ENV_ATTEMPT, "").strip() in ("", "1"):  # once a run, not once an attempt
+                print(f"oomguard: ignoring knob {name!r}={value!r}: the SFT recipe has no such option",
+                      file=sys.stderr)
             continue
         changes[name] = coerce(name, value)
     if environ.get(protocol.ENV_CHECKPOINT_DIR):  # the user's `oomguard run --checkpoint-dir`

@@ -21,6 +21,7 @@ __all__ = ["completed_step", "rung_words", "change_words", "duration_words", "Pr
            "READ_CHUNK", "RATE_WINDOW"]
 
 GIB = 2**30
+TOKEN_COUNTS = ("num_tokens", "num_input_tokens_seen")  # running totals trainers log (TRL, HF)
 READ_CHUNK = 1024 * 1024  # bytes of events.jsonl read per tick: a runaway writer cannot blow our memory
 RATE_WINDOW = 20  # step events the steps/s rate is measured over
 
@@ -88,6 +89,7 @@ class ProgressTail:
         self.step: int | None = None
         self.max_steps: int | None = None
         self.times: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW)
+        self.tokens: collections.deque[tuple[float, float]] = collections.deque(maxlen=RATE_WINDOW)
         self.memory: dict[str, Any] = {}
         self.cap: int | None = None  # bytes: the emulated card's limit (vram_limit), else the GPU's size
         self.last_print = 0.0
@@ -122,10 +124,27 @@ class ProgressTail:
                     self.times.append((float(event["time"]), step))
             if isinstance(event.get("max_steps"), int):
                 self.max_steps = event["max_steps"]
+        elif name == Event.TRAINER_LOG.value and event.get("attempt", self.attempt) == self.attempt:
+            self._take_tokens(event)
         elif name == Event.MEMORY.value:
             self.memory = dict(event)
         elif name == Event.VRAM_LIMIT.value and isinstance(event.get("limit"), int):
             self.cap = event["limit"]
+
+    def _take_tokens(self, event: Mapping[str, Any]) -> None:
+        """The trainer's own running token count: TRL's ``num_tokens``, HF's ``num_input_tokens_seen``."""
+        logs = event.get("logs") if isinstance(event.get("logs"), Mapping) else {}
+        seen = next((logs[k] for k in TOKEN_COUNTS if isinstance(logs.get(k), (int, float))), None)
+        if seen is not None and isinstance(event.get("time"), (int, float)):
+            if not self.tokens or seen > self.tokens[-1][1]:
+                self.tokens.append((float(event["time"]), float(seen)))
+
+    def token_rate(self) -> float | None:
+        """Tokens per second over the last logs that counted them (None: the trainer does not count)."""
+        if len(self.tokens) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.tokens[0], self.tokens[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     def rate(self) -> float | None:
         """Steps per second over the last RATE_WINDOW step events of this attempt."""
@@ -164,6 +183,8 @@ class ProgressTail:
         rate = self.rate()
         if rate:
             parts.append(f"{rate:.2f} steps/s" if rate >= 0.1 else f"{1 / rate:.0f} s/step")
+            if (tokens := self.token_rate()) is not None:
+                parts.append(f"{tokens:,.0f} tokens/s")
             if self.max_steps and self.step is not None and self.max_steps > self.step:
                 parts.append(f"ETA {duration_words((self.max_steps - self.step) / rate)}")
         if (memory := self._memory_words()) is not None:

@@ -15,7 +15,9 @@ def oomguard_run(run_dir: Path, policy: Path, *command: str,
                  inject: str | None = "cuda_oom@step=3") -> subprocess.CompletedProcess:
     """``oomguard run --policy P [--inject I] -- COMMAND`` to success (the child's stderr on failure)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+    # the project first; a PYTHONPATH the machine needs for its packages (the GPU machine's wheels) kept after it
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path,
                 "TOKENIZERS_PARALLELISM": "false"})
     cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir), "--quiet",
            *(["--inject", inject] if inject else []), "--", *command]
