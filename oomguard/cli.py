@@ -238,9 +238,21 @@ def _write_html(run_dir: Path, out: Path) -> bool:
     return False
 
 
+def _require_training_stack(command: str) -> None:
+    """``train`` / ``demo`` run the built-in recipe: without its stack, say which command installs it."""
+    from .recipes import TRAIN_EXTRA, missing_training_stack
+
+    missing = missing_training_stack()
+    if missing:
+        typer.echo(f"oomguard {command}: the built-in recipe needs the training stack, and this Python "
+                   f"({sys.executable}) lacks {', '.join(missing)}; install it with: {TRAIN_EXTRA}", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
+
+
 @app.command(context_settings=PASSTHROUGH)
 def train(ctx: typer.Context) -> None:
     """The built-in QLoRA SFT recipe (flags as in `python -m oomguard.recipes.sft --help`)."""
+    _require_training_stack("train")
     from .recipes.sft import main as sft_main
 
     raise typer.Exit(sft_main(list(ctx.args)))
@@ -251,6 +263,7 @@ def demo(run_dir: Optional[Path] = typer.Option(None, help="Run directory (defau
          max_steps: int = typer.Option(24, help="Optimizer steps of the demo run."),
          ) -> None:
     """The whole story on the embedded tiny model: OOM → rung → resume → NaN → rollback → done."""
+    _require_training_stack("demo")
     from .demo import run_demo
 
     try:

@@ -17,6 +17,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # multi-GB CUDA one; a machine that already has a torch keeps it.
     quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
     "$VENV/bin/python" -c "import torch" 2>/dev/null || quiet "$VENV/bin/pip" install -q "torch==${OOMGUARD_TORCH:-2.13.0}"
-    quiet "$VENV/bin/pip" install -q -e ".[test]"
+    quiet "$VENV/bin/pip" install -q -e ".[train,test]"
     echo "$want" > "$stamp"
 fi
