@@ -83,10 +83,11 @@ def packed_rows(tokens, max_length: int, args) -> list[tuple[int, ...]]:
 
     dummy = [[int(i)] * len(ids) for i, ids in zip(tokens[EXAMPLE_ID], tokens["input_ids"])]
     dataset = Dataset.from_dict({"input_ids": dummy, "labels": dummy})
-    if args.shuffle_dataset:
+    shuffle = getattr(args, "shuffle_dataset", False)  # SFTConfig has it from trl 1.x; trl 0.x never shuffled here
+    if shuffle:
         dataset = dataset.shuffle(seed=args.seed)
     packed = internals.pack_dataset(dataset, max_length, args.packing_strategy, args.dataset_num_proc)
-    if args.shuffle_dataset:
+    if shuffle:
         packed = packed.shuffle(seed=args.seed)
     rows = []
     for ids, lengths in zip(packed["input_ids"], packed["seq_lengths"]):
@@ -214,7 +215,9 @@ def _append_rows(trainer, tokens, examples: Sequence[int], max_length: int) -> l
     quiet = copy.copy(args)
     quiet.shuffle_dataset = False  # the order of the unseen examples is the ledger's
     rows = packed_rows(subset, max_length, quiet)
-    packed = internals.pack_dataset(subset.select_columns(["input_ids", "labels"]), max_length,
+    # the columns the trainer's packed rows have (trl 1.x: input_ids, labels; trl 0.24: no labels)
+    columns = [c for c in full.column_names if c in subset.column_names and c != "seq_lengths"]
+    packed = internals.pack_dataset(subset.select_columns(columns), max_length,
                                     args.packing_strategy, args.dataset_num_proc)
     why = rows_mismatch(rows, subset, packed, max_length)
     if why:
