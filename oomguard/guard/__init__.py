@@ -14,15 +14,15 @@ or the policy. Every callback is usable on its own in a user's script. Layout:
 """
 
 from oomguard.guard.callbacks import (
-                                      CacheClearerCallback,
-                                      DataProfileCallback,
-                                      FaultInjectionCallback,
-                                      HeartbeatCallback,
-                                      MemoryMonitorCallback,
-                                      NanGuardCallback,
-                                      NonFiniteLossError,
-                                      PhaseTrackerCallback,
-                                      PressureCheckpointCallback,
+    CacheClearerCallback,
+    DataProfileCallback,
+    FaultInjectionCallback,
+    HeartbeatCallback,
+    MemoryMonitorCallback,
+    NanGuardCallback,
+    NonFiniteLossError,
+    PhaseTrackerCallback,
+    PressureCheckpointCallback,
 )
 from oomguard.guard.device import apply_allocator_defaults, apply_vram_limit
 from oomguard.guard.env import GuardEnv

@@ -16,7 +16,6 @@ from ..protocol import Event
 
 __all__ = ["TRACKER_ENV", "tracker_env"]
 
-EVENT_TRACKER_OBSERVED = Event.TRACKER_OBSERVED.value
 # reported field -> the variables that make the tracker continue that run (name, value or None = the field)
 TRACKER_ENV: dict[str, tuple[tuple[str, str | None], ...]] = {
     "tensorboard_dir": (("TENSORBOARD_LOGGING_DIR", None),),  # transformers' TensorBoardCallback reads it
@@ -29,7 +28,7 @@ def tracker_env(events: Iterable[Mapping[str, Any]], environ: Mapping[str, str])
     """The variables the next attempt needs to write into the runs the first reporting attempt opened."""
     first: dict[str, str] = {}
     for event in events:
-        if event.get("event") != EVENT_TRACKER_OBSERVED or event.get("rank", 0) != 0:
+        if event.get("event") != Event.TRACKER_OBSERVED.value or event.get("rank", 0) != 0:
             continue
         for field in TRACKER_ENV:
             if isinstance(event.get(field), str) and field not in first:

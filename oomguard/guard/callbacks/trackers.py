@@ -25,10 +25,9 @@ from oomguard.guard.env import GuardEnv
 from oomguard.guard.writer import EventWriter
 from oomguard.protocol import Event
 
-__all__ = ["EVENT_TRACKER_OBSERVED", "TrackerCallback", "install_tracker_callback", "reporting_callbacks",
+__all__ = ["TrackerCallback", "install_tracker_callback", "reporting_callbacks",
            "tracker_runs"]
 
-EVENT_TRACKER_OBSERVED = Event.TRACKER_OBSERVED.value
 _REPORTING = tuple({cls for cls in INTEGRATION_TO_CALLBACK.values() if isinstance(cls, type)})
 
 
