@@ -17,6 +17,8 @@ import threading
 from types import ModuleType
 from typing import Callable
 
+from oomguard.bootstrap.failsafe import failsafe
+
 __all__ = ["PostImportFinder", "uninstall", "when_imported"]
 
 Hook = Callable[[ModuleType], None]
@@ -35,7 +37,7 @@ class _HookedLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         for hook in list(self._hooks):
-            hook(module)
+            _run_hook(hook, module)
 
     def __getattr__(self, name: str):  # get_source, get_resource_reader, is_package...
         return getattr(self._loader, name)
@@ -81,12 +83,19 @@ def when_imported(name: str, hook: Hook) -> None:
     global _finder
     module = sys.modules.get(name)
     if module is not None:
-        hook(module)
+        _run_hook(hook, module)
         return
     if _finder is None or _finder not in sys.meta_path:
         _finder = PostImportFinder()
         sys.meta_path.insert(0, _finder)
     _finder.hooks.setdefault(name, []).append(hook)
+
+
+def _run_hook(hook: Hook, module: ModuleType) -> None:
+    """A hook that raises leaves the module unpatched and the child running (said, journaled)."""
+    with failsafe(f"the bootstrap's hook on {module.__name__}",
+                  "that module runs unpatched: the guard may not reach this run's Trainer"):
+        hook(module)
 
 
 def uninstall() -> None:

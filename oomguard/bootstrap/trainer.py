@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
 from oomguard import protocol
+from oomguard.bootstrap.failsafe import failsafe
 from oomguard.bootstrap.knobs import Via
 from oomguard.bootstrap.switches import Part
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # context imports oomguard.guard, which must wait until the c
 __all__ = ["choose_resume", "guarded", "patch_trainer", "raw_train_dataset", "trainer_built"]
 
 PATCHED = "_oomguard_patched"
+_NOT_PREPARED = "oomguard's orders may not be on this Trainer's arguments (the supervisor checks each in the child)"
 
 
 def _args_of(args: tuple, kwargs: dict) -> Any:
@@ -56,19 +58,22 @@ def patch_trainer(module: ModuleType, context: Callable[[], "Context"]) -> None:
 
     def __new__(klass, *args, **kwargs):
         ctx = context()
-        _prepare(ctx, _args_of(args, kwargs), kwargs.get("peft_config"))
         trainer = object.__new__(klass)
-        if ctx.switches.patching:
-            from oomguard.guard.resume.raw_data import remember_raw_dataset
+        with failsafe("the bootstrap's Trainer preparation", _NOT_PREPARED):
+            _prepare(ctx, _args_of(args, kwargs), kwargs.get("peft_config"))
+            if ctx.switches.patching:
+                from oomguard.guard.resume.raw_data import remember_raw_dataset
 
-            remember_raw_dataset(trainer, raw_train_dataset(klass.__init__, args, kwargs))
+                remember_raw_dataset(trainer, raw_train_dataset(klass.__init__, args, kwargs))
         return trainer
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
-        _prepare(context(), _args_of(args, kwargs), None)
+        with failsafe("the bootstrap's Trainer preparation", _NOT_PREPARED):
+            _prepare(context(), _args_of(args, kwargs), None)
         original_init(self, *args, **kwargs)
-        trainer_built(context(), self)
+        with failsafe("the bootstrap's guard installation", "this Trainer trains without oomguard's callbacks"):
+            trainer_built(context(), self)
 
     @functools.wraps(original_train)
     def train(self, *args, **kwargs):
@@ -99,7 +104,21 @@ def trainer_built(ctx: "Context", trainer: Any) -> None:
             for cb in guard_callbacks(ctx.env):
                 trainer.add_callback(cb)
         callbacks = "present" if present else "added"
+        _say_stack(ctx)
     _journal_trainer(ctx, trainer, record, callbacks)
+
+
+_stack_said = False
+
+
+def _say_stack(ctx: "Context") -> None:
+    """The stack against oomguard's tested range: once a process (the first Trainer built)."""
+    global _stack_said
+    if not _stack_said:
+        _stack_said = True
+        from oomguard.guard.stack import journal_stack
+
+        journal_stack(ctx.journal, ctx.env.attempt, ctx.env.rank)
 
 
 def _journal_trainer(ctx: "Context", trainer: Any, record: "ArgsRecord", callbacks: str) -> None:

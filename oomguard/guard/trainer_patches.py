@@ -2,8 +2,8 @@
 or reads — the one file to audit on an upgrade.
 
 The guard and the bootstrap reach these names only through this module: :data:`INTERNALS` lists
-each with what oomguard does to it and why, :data:`CHECKED_AGAINST` the versions it was checked
-against, and :func:`missing` tells which are absent from the installed packages (a unit test
+each with what oomguard does to it and why, :data:`TESTED_RANGE` the versions it is tested
+in, and :func:`missing` tells which are absent from the installed packages (a unit test
 asserts none is). Public methods oomguard wraps (``train``, ``training_step``, ...) are listed
 too: wrapping changes behaviour even where the name is public.
 
@@ -20,13 +20,18 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterator
 
-__all__ = ["CHECKED_AGAINST", "INTERNALS", "INNER_TRAINING_LOOP", "Internal", "Use", "keep_train_sampler_over",
-           "keep_trainable_dtypes", "inf_norms", "load_optimizer_on_cpu", "missing", "pack_dataset",
-           "prepare_sft_dataset", "SAVE_CHECKPOINT", "save_checkpoint", "train_batch_size", "wrap_instance_method"]
+__all__ = ["FLOOR", "INNER_TRAINING_LOOP", "INTERNALS", "Internal", "SAVE_CHECKPOINT",
+           "TESTED_RANGE", "Use", "allow_numpy_rng_state", "inf_norms", "keep_args_batch_size",
+           "keep_train_sampler_over", "keep_trainable_dtypes", "load_optimizer_on_cpu", "missing", "missing_loaded",
+           "pack_dataset", "prepare_sft_dataset", "save_checkpoint", "train_batch_size", "wrap_instance_method"]
 
-# The versions each internal below was read in and exercised by the test suite (CPU; GPU: transformers 5.17).
-CHECKED_AGAINST = {"transformers": ("5.17", "5.24"), "trl": ("1.16",), "peft": ("0.21",),
-                   "accelerate": ("1.15",), "torch": ("2.11", "2.13")}
+# The range the test suite exercises every internal below in (CI: the current stack and an older pinned one,
+# tests/compat; GPU: transformers 5.17). (low, high) by major.minor, both ends tested.
+TESTED_RANGE = {"transformers": ("4.57", "5.24"), "trl": ("0.24", "1.16"), "peft": ("0.17", "0.21"),
+                "accelerate": ("1.0", "1.15"), "datasets": ("4.0", "5.2"), "torch": ("2.11", "2.13")}
+# Below these the guard still installs but says the run is unsupported (checked by hand once, issue 16:
+# transformers 4.46 / trl 0.12 / peft 0.13 / accelerate 1.0 / datasets 3.1 on torch 2.13).
+FLOOR = {"transformers": "4.46", "trl": "0.12", "peft": "0.13", "accelerate": "1.0"}
 
 
 class Use(str, enum.Enum):
@@ -63,12 +68,18 @@ INTERNALS: tuple[Internal, ...] = (
              "guard.resume.prepare", "trainable parameters keep their dtype across PEFT's adapter load"),
     Internal(_T, "_load_optimizer_and_scheduler", Use.WRAPS, ("self", "checkpoint"), "guard.resume.prepare",
              "resume mode optimizer_on_cpu: every torch.load inside maps to CPU"),
-    Internal(_T, "_get_train_sampler", Use.WRAPS, ("self", "train_dataset"), "guard.resume.packed",
+    Internal(_T, "_load_rng_state", Use.WRAPS, ("self", "checkpoint"), "guard.resume.prepare",
+             "transformers < 4.47 loads rng_state.pth with torch's weights_only default, which torch >= 2.6 "
+             "refuses for its numpy state: the resume runs under the allowlist later transformers use"),
+    Internal(_T, "_get_train_sampler", Use.WRAPS, ("self",), "guard.resume.packed",
              "after a packed re-index the sampler stays over the re-packed rows only"),
     Internal(_T, "_train_batch_size", Use.READS, None, "guard.resume.ledger",
              "rows of a micro-batch whose tensors cannot tell (padding-free packing)"),
     Internal(_T, "_inner_training_loop", Use.NAMES, ("self", "batch_size", "args", "resume_from_checkpoint"),
              "guard.callbacks.in_force", "the Trainer class, found from a callback by its frame"),
+    Internal(_T, "_inner_training_loop", Use.WRAPS, ("self", "batch_size"), "guard.resume.prepare",
+             "a resume trains at args' batch: transformers < 5.2 takes the checkpoint's train_batch_size instead, "
+             "so the batch rung would silently not apply"),
     Internal("transformers.modeling_utils:PreTrainedModel", "__init__", Use.WRAPS, None, "bootstrap.injection",
              "the VRAM cap and allocator defaults before the first model's weights load"),
     Internal(_TRL, "_prepare_dataset", Use.CALLS,
@@ -111,7 +122,7 @@ def _problem(item: Internal) -> str | None:
     except (ImportError, AttributeError) as exc:
         return f"{item.owner}: {exc}"
     if item.params is None:  # an attribute, possibly set per instance: the class must mention it
-        found = hasattr(owner, item.name) or item.name in inspect.getsource(owner)
+        found = hasattr(owner, item.name) or _mentions(owner, item.name)
         return None if found else f"{item.owner}.{item.name} is gone"
     target = getattr(owner, item.name, None)
     if target is None:
@@ -121,9 +132,30 @@ def _problem(item: Internal) -> str | None:
     return f"{item.owner}.{item.name}{inspect.signature(target)} lacks {lacking}" if lacking else None
 
 
+def _mentions(owner: Any, name: str) -> bool:
+    """``name`` appears in the source of ``owner`` or a base class (a class made at run time, like Unsloth's
+    SFTTrainer, has no source of its own; trl's is in its bases)."""
+    for klass in getattr(owner, "__mro__", (owner,)):
+        try:
+            if name in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
+
+
 def missing(internals: tuple[Internal, ...] = INTERNALS) -> list[str]:
     """What of ``internals`` the installed packages lack (name or parameters); [] when all is there."""
     return [p for p in map(_problem, internals) if p is not None]
+
+
+def missing_loaded(internals: tuple[Internal, ...] = INTERNALS) -> list[tuple[Internal, str]]:
+    """Like :func:`missing`, for the packages this process already imported only (it imports nothing new:
+    a plain HF script is not made to import trl), each with the internal it concerns."""
+    import sys
+
+    loaded = [i for i in internals if i.owner.partition(":")[0].split(".")[0] in sys.modules]
+    return [(i, p) for i in loaded if (p := _problem(i)) is not None]
 
 
 # --- the accessors the guard uses ------------------------------------------------------------------
@@ -143,10 +175,67 @@ def train_batch_size(trainer: Any) -> int:
     return int(trainer._train_batch_size)
 
 
+def keep_args_batch_size(trainer: Any) -> None:
+    """A resume trains at ``args.train_batch_size``, not the checkpoint's ``train_batch_size``.
+
+    transformers < 5.2 ``Trainer.train`` replaces the batch with ``trainer_state.json``'s on every
+    resume (meant for ``auto_find_batch_size``; 5.2+ does so only with it on): a batch rung would load,
+    be reported by the args, and train at the old batch (checked: 4.57). With ``auto_find_batch_size``
+    on, the checkpoint's batch is HF's own choice and is kept."""
+    original = trainer._inner_training_loop
+
+    def loop(*args, batch_size=None, **kwargs):
+        if not getattr(trainer.args, "auto_find_batch_size", False):
+            batch_size = trainer.args.train_batch_size
+        return original(*args, batch_size=batch_size, **kwargs)
+
+    trainer._inner_training_loop = functools.wraps(original)(loop)
+
+
+def allow_numpy_rng_state(trainer: Any) -> bool:
+    """Backport of transformers 4.47+'s ``safe_globals()`` around ``_load_rng_state``: on torch >= 2.6 with
+    an older transformers, a resume crashes on the numpy RNG state HF itself saved (``Weights only load
+    failed``). The allowlist is the one later transformers use (numpy arrays and dtypes, no code);
+    ``weights_only`` stays on. True when the wrap was needed and installed."""
+    import sys
+
+    import torch
+
+    hf = sys.modules.get("transformers.trainer")
+    if hf is None or hasattr(hf, "safe_globals") or not hasattr(torch.serialization, "safe_globals"):
+        return False
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        return False
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allow = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    original = trainer._load_rng_state
+
+    def load(checkpoint, *args, **kwargs):
+        with torch.serialization.safe_globals(allow):
+            return original(checkpoint, *args, **kwargs)
+
+    trainer._load_rng_state = functools.wraps(original)(load)
+    return True
+
+
 def keep_train_sampler_over(trainer: Any, dataset: Any) -> None:
     """Every later train sampler is drawn over ``dataset`` whatever ``train_dataset`` became."""
     make_sampler = trainer._get_train_sampler
-    trainer._get_train_sampler = lambda *a, **k: make_sampler(dataset)
+    if "train_dataset" in inspect.signature(make_sampler).parameters:
+        trainer._get_train_sampler = lambda *a, **k: make_sampler(dataset)
+        return
+
+    def over_dataset(*args, **kwargs):  # older transformers (4.46): the sampler reads self.train_dataset
+        current = trainer.train_dataset
+        trainer.train_dataset = dataset
+        try:
+            return make_sampler()
+        finally:
+            trainer.train_dataset = current
+
+    trainer._get_train_sampler = over_dataset
 
 
 def prepare_sft_dataset(trainer: Any, dataset: Any, args: Any, name: str) -> Any:

@@ -90,6 +90,8 @@ class Event(str, enum.Enum):
     RESUME_POSITION_INEXACT = "resume_position_inexact"
     RESUME_POSITION_UNKNOWN = "resume_position_unknown"
     PACKED_POSITION_REINDEXED = "packed_position_reindexed"
+    GUARD_STACK = "guard_stack"
+    GUARD_DEGRADED = "guard_degraded"
 
 
 EVENT_BOOTSTRAP_TRAINER = Event.BOOTSTRAP_TRAINER.value  # the child patched a Trainer it built (each rank)
@@ -236,6 +238,10 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
     (Event.RESUME_POSITION_UNKNOWN, _C, f"checkpoint:str {_STEP_OR_NONE} effective_batch:list detail:str",
      "the ledger could not place the resume"),
     (Event.PACKED_POSITION_REINDEXED, _C, f"checkpoint:str {_STEP} ...", "packed rows re-indexed on resume"),
+    (Event.GUARD_STACK, _C, "attempt:int versions:dict tested:bool outside:list missing:list degraded:list",
+     "the child's training stack against oomguard's tested range (rank 0, once per attempt)"),
+    (Event.GUARD_DEGRADED, _C, "part:str error:str consequence:str",
+     "a part of the guard failed or is missing on this stack; the run goes on without it"),
 )
 
 CATALOGUE: Mapping[Event, EventSpec] = {e: EventSpec(src, Payload.parse(p), about) for e, src, p, about in _TABLE}

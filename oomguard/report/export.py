@@ -138,6 +138,7 @@ def build_document(run: dict[str, Any], events: list[dict[str, Any]], problems: 
                             "kept": None if eb_req is None else eb_req == eb_fin, "world_size": s.world_size},
         "skipped_checkpoints": list(s.skipped_checkpoints),
         "problems": list(s.problems),
+        "guard_notes": list(s.guard_notes),
     }
 
 

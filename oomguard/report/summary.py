@@ -54,6 +54,7 @@ class RunSummary:
     not_applied: tuple[str, ...] = ()  # one line per change the child did not show
     problems: tuple[str, ...] = ()  # what is wrong with the run's files (skipped journal lines, a bad decision)
     failures: int = 0  # attempts that ended in a failure
+    guard_notes: tuple[str, ...] = ()  # the child's stack outside the tested range; guard parts that degraded
 
 
 def _step_of(path: str | None) -> int | None:
@@ -202,7 +203,18 @@ def summarize_loaded(run: dict[str, Any], events: list[dict[str, Any]], problems
                       recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
                       skipped_checkpoints=skipped, requested_source=run.get("requested_source", "command"),
                       checks=checks, not_applied=missed, problems=tuple(problems),
-                      failures=sum(1 for a in attempts if a.get("failure")))
+                      failures=sum(1 for a in attempts if a.get("failure")), guard_notes=_guard_notes(events))
+
+
+def _guard_notes(events: list[dict[str, Any]]) -> tuple[str, ...]:
+    """One line per distinct stack warning (``guard_stack``) and degraded guard part (``guard_degraded``)."""
+    notes = []
+    for e in events:
+        if e.get("event") == "guard_stack" and not e.get("tested", True):
+            notes += [f"stack: {line}" for line in [*e.get("outside", []), *e.get("missing", [])]]
+        elif e.get("event") == "guard_degraded":
+            notes.append(f"degraded: {e.get('part')}: {e.get('error')} ({e.get('consequence')})")
+    return tuple(dict.fromkeys(notes))
 
 
 def _knob_lines(s: RunSummary) -> list[str]:
@@ -257,6 +269,8 @@ def render_text(s: RunSummary) -> str:
         lines.append(f"  change not applied: {line}")
     for line in s.problems:
         lines.append(f"  problem: {line}")
+    for line in s.guard_notes:
+        lines.append(f"  guard {line}")
     source = "as the child ran it" if s.requested_source == "observed" else "from the command's flags only"
     lines.append(f"requested ({source}) → final:")
     lines += _knob_lines(s)

@@ -1,5 +1,6 @@
 """Post-import hooks, and the start-up cost of the bootstrap (oomguard.bootstrap.imports, site/)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -50,3 +51,29 @@ def test_startup_imports_nothing_heavy(tmp_path, run_dir, finder):
     heavy, first = out.split()
     assert heavy == "none"
     assert (first == "PostImportFinder") == (finder == "PostImportFinder")
+
+
+def test_a_hook_that_raises_leaves_the_import_working_and_says_so(fresh_module, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setenv("OOMGUARD_RUN_DIR", str(run_dir))
+
+    def broken(module):
+        raise AttributeError("module has no attribute 'Trainer'")
+
+    imports.when_imported(fresh_module, broken)
+    import og_hooked_pkg.inner as inner
+
+    assert inner.VALUE == 41  # the user's import went through
+    assert "the bootstrap's hook on og_hooked_pkg.inner failed (AttributeError" in capsys.readouterr().err
+    event = json.loads((run_dir / "events.jsonl").read_text().splitlines()[-1])
+    assert (event["event"], event["part"]) == ("guard_degraded", "the bootstrap's hook on og_hooked_pkg.inner")
+
+
+def test_an_oom_in_a_hook_is_not_swallowed(fresh_module):
+    def oom(module):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    imports.when_imported(fresh_module, oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        import og_hooked_pkg.inner  # noqa: F401

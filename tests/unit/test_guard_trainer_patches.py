@@ -7,7 +7,7 @@ from oomguard.guard import trainer_patches as internals
 
 ROOT = Path(__file__).resolve().parents[2] / "oomguard"
 PRIVATE = re.compile(r"\._(save_checkpoint|load_from_checkpoint|get_train_sampler|load_optimizer_and_scheduler|"
-                     r"prepare_dataset|train_batch_size|inner_training_loop|wrap_model|foreach_norm)\b|"
+                     r"prepare_dataset|train_batch_size|inner_training_loop|wrap_model|foreach_norm|load_rng_state)\b|"
                      r"[\"'](_inner_training_loop|_save_checkpoint)[\"']|\bpack_dataset\(")
 
 
@@ -37,5 +37,6 @@ def test_no_other_guard_or_bootstrap_module_touches_them():
 
 
 def test_the_versions_checked_are_stated():
-    assert {"transformers", "trl", "peft"} <= set(internals.CHECKED_AGAINST)
+    assert {"transformers", "trl", "peft", "accelerate", "datasets", "torch"} <= set(internals.TESTED_RANGE)
+    assert set(internals.FLOOR) <= set(internals.TESTED_RANGE)
     assert all(item.where and item.why for item in internals.INTERNALS)

@@ -121,3 +121,19 @@ def test_invalid_documents_fail_the_schema():
 def test_schema_is_draft_2020_12():
     jsonschema.Draft202012Validator.check_schema(REPORT_JSON_SCHEMA)
     assert REPORT_JSON_SCHEMA["$schema"].endswith("/draft/2020-12/schema")
+
+
+def test_an_untested_stack_and_a_degraded_guard_part_are_in_the_summary_and_the_document():
+    stack_event = {"event": "guard_stack", "attempt": 1, "tested": False, "versions": {"transformers": "4.46.3"},
+                   "outside": ["transformers 4.46.3 is older than the tested 4.57-5.24"], "missing": [],
+                   "degraded": []}
+    degraded = {"event": "guard_degraded", "part": "exact resume position", "error": "AttributeError: x",
+                "consequence": "the run resumes where transformers places it"}
+    events = [stack_event, {**stack_event, "attempt": 2}, degraded]
+    text = render_text(summarize_loaded(recovered_run(), events, []))
+    assert text.count("guard stack: transformers 4.46.3 is older than the tested 4.57-5.24") == 1
+    assert "guard degraded: exact resume position: AttributeError: x (the run resumes where" in text
+    doc = build_document(recovered_run(), events, [])
+    VALIDATOR.validate(doc)
+    assert len(doc["guard_notes"]) == 2
+    assert build_document(recovered_run(), [{**stack_event, "tested": True}], [])["guard_notes"] == []

@@ -11,6 +11,9 @@ What it does, the changes recorded as journal events:
 - ``max_length`` changed with packing on: the examples seen are mapped to the re-packed rows and the
   unseen ones trained first (:mod:`packed`); where that cannot be done, an event says so;
 - keeps the trainable parameters' dtype across the adapter load (PEFT upcasts bf16 to fp32);
+- trains at the args' batch, not the checkpoint's (transformers < 5.2 takes the checkpoint's);
+- transformers < 4.47 on torch >= 2.6: the RNG state loads under later transformers' numpy allowlist;
+- oomguard's own failure placing the data is said (``guard_degraded``) and the resume goes on;
 - ``lora_r``/``lora_alpha`` changed: the adapter is cut by truncated SVD (:mod:`adapter`), the
   optimizer state of the cut tensors is reset (entries dropped; the LR schedule is kept);
 - the GradScaler state of an fp16 checkpoint when this attempt is not fp16 (HF crashes on it);
@@ -31,12 +34,14 @@ import torch
 
 from oomguard.guard import trainer_patches as internals
 from oomguard.guard.env import GuardEnv
+from oomguard.guard.notices import warn_once
+from oomguard.guard.recorder import is_oom
 from oomguard.guard.resume.adapter import apply_cut, lora_change
 from oomguard.guard.resume.ledger import install_ledger, ledger_of
 from oomguard.guard.resume.packed import apply_packed_position, state_packed_length_change
 from oomguard.guard.resume.position import apply_position
 from oomguard.guard.writer import EventWriter
-from oomguard.protocol import ResumeMode
+from oomguard.protocol import Event, ResumeMode
 
 __all__ = ["PrecisionError", "RESUME_DIR", "SCALER", "bf16_refusal", "check_precision", "prepare_resume",
            "resume_mode_of"]
@@ -79,6 +84,8 @@ def prepare_resume(trainer, checkpoint: str | None, env: GuardEnv) -> str | None
     if not checkpoint:
         return None
     internals.keep_trainable_dtypes(trainer)
+    internals.keep_args_batch_size(trainer)
+    internals.allow_numpy_rng_state(trainer)
     journal = EventWriter(env.run_dir, env.rank)
     source = Path(checkpoint)
     if resume_mode_of(env) == ResumeMode.OPTIMIZER_ON_CPU:
@@ -98,7 +105,25 @@ def prepare_resume(trainer, checkpoint: str | None, env: GuardEnv) -> str | None
 
 
 def _place_data(trainer, source: Path, env: GuardEnv, journal: EventWriter) -> None:
-    """Where the data continues: a re-packed dataset is mapped by examples, otherwise by rows."""
+    """Where the data continues: a re-packed dataset is mapped by examples, otherwise by rows.
+
+    oomguard's own failure here (not an OOM) must not end the user's run, nor be read as a damaged
+    checkpoint: it is said (``guard_degraded``) and the resume goes on at HF's own position."""
+    try:
+        _place_data_exactly(trainer, source, env, journal)
+    except Exception as exc:
+        if is_oom(type(exc).__name__, str(exc)):
+            raise
+        journal.emit(Event.GUARD_DEGRADED.value, part="exact resume position",
+                     error=f"{type(exc).__name__}: {exc}"[:500],
+                     consequence="the run resumes where transformers places it (global_step x the current "
+                                 "effective batch): samples may repeat or be skipped if the batch or packing "
+                                 "changed; please report this error to oomguard")
+        warn_once("degraded:exact resume position", f"oomguard: the exact resume position failed "
+                  f"({type(exc).__name__}: {exc}); the run resumes at transformers' own position", stacklevel=2)
+
+
+def _place_data_exactly(trainer, source: Path, env: GuardEnv, journal: EventWriter) -> None:
     ledger = ledger_of(trainer)
     if ledger is None:
         state_packed_length_change(trainer, source, journal, reason="no sample ledger (no run dir)")
