@@ -30,6 +30,7 @@ class GuardEnv:
     observe: tuple[str, ...] = ()  # knob names to report beyond the registry's (policy-declared)
     # how to load the checkpoint (the supervisor's decision); None: the supervisor did not say (older one)
     resume_mode: ResumeMode | None = None
+    nan_skip_steps: int = 0  # non-finite updates skipped before the NaN guard stops (policy limits.nan_skip_steps)
 
     @property
     def active(self) -> bool:
@@ -62,6 +63,7 @@ class GuardEnv:
             world_size=_int(environ, "WORLD_SIZE", default=1, minimum=1),
             observe=tuple(n.strip() for n in environ.get(protocol.ENV_OBSERVE, "").split(",") if n.strip()),
             resume_mode=resume_mode(environ),
+            nan_skip_steps=_int(environ, protocol.ENV_NAN_SKIP_STEPS, default=0, minimum=0),
         )
 
 

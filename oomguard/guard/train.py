@@ -45,8 +45,9 @@ _wrapped: "weakref.WeakSet[Any]" = weakref.WeakSet()  # trainers whose methods t
 _running: "weakref.WeakSet[Any]" = weakref.WeakSet()  # trainers inside guarded_train now
 
 
-def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int = 0) -> list[TrainerCallback]:
-    """The full set, configured from ``env``, in the order they must run."""
+def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int | None = None) -> list[TrainerCallback]:
+    """The full set, configured from ``env``, in the order they must run (``nan_skip_steps`` None: the
+    policy's, from ``env``)."""
     monitor = MemoryMonitorCallback(env.run_dir, rank=env.rank, cap_bytes=env.vram_limit)
     return [
         PhaseTrackerCallback(),
@@ -56,7 +57,8 @@ def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int = 0) -> list[TrainerCa
         monitor,  # before pressure (reads its projection) and the clearer (reads stats before a clear)
         PressureCheckpointCallback(monitor),
         CacheClearerCallback(env.run_dir, rank=env.rank),
-        NanGuardCallback(env.run_dir, rank=env.rank, skip_steps=nan_skip_steps),
+        NanGuardCallback(env.run_dir, rank=env.rank,
+                         skip_steps=env.nan_skip_steps if nan_skip_steps is None else nan_skip_steps),
         RecipeCallback(env),  # on_train_begin: an ordered learning_rate over the restored schedule; recipe in force
         ShutdownCallback(env.run_dir, rank=env.rank),  # last: its on_train_end exits after the save
     ]

@@ -23,6 +23,7 @@ from ..protocol import (
     ENV_ERROR_FILE,
     ENV_INJECT,
     ENV_KNOBS,
+    ENV_NAN_SKIP_STEPS,
     ENV_OBSERVE,
     ENV_RESUME_FROM,
     ENV_RESUME_MODE,
@@ -102,6 +103,7 @@ def child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord, mode: Res
         ENV_SUPERVISOR_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1",
         ENV_OBSERVE: ",".join(k for k in policy_knobs(spec.policy) if k not in REGISTRY),
         ENV_RESUME_MODE: mode.value,  # decided by policy.decide(); the child never infers it
+        ENV_NAN_SKIP_STEPS: str(spec.policy.limits.nan_skip_steps),
     })
     if attempt.n == 1 and not attempt.resumed_from:
         # no supervisor choice yet: the command's own --resume_from_checkpoint stands (Trust rule 1),

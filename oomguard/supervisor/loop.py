@@ -9,6 +9,7 @@ once, carries the decision out (checkpoints set aside, knobs, resume point and m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -24,7 +25,7 @@ from .evidence import gather_evidence
 from .gpu import wait_gpu_released
 from .journal import AttemptRecord, Journal, RunLock, load_record
 from .opening import open_journal
-from .process import ChildOutcome, StopFlag, Watch, process_started, run_child
+from .process import SCHEDULER_SIGNALS, STOP_SIGNALS, ChildOutcome, StopFlag, Watch, process_started, run_child
 from .progress import ProgressTail
 from .resume_point import set_aside, survey_checkpoints, tidy_checkpoints
 from .spec import Recovery, RunSpec, say
@@ -107,7 +108,7 @@ def _loop(run: _Run) -> ExitCode:
         return _give_up(run, plan)
     while True:
         attempt = start_attempt(run.spec, run.journal, plan, run.clock.time())
-        outcome = _launch(run, attempt, plan.resume_mode)
+        outcome = _stopped_through_the_child(run, attempt, _launch(run, attempt, plan.resume_mode))
         failure = finish_attempt(run.spec, run.journal, attempt, outcome, run.clock.time())
         if outcome.interrupted_by is not None:
             return _interrupted(run, outcome.interrupted_by)
@@ -211,9 +212,26 @@ def _between_attempts(run: _Run, outcome: ChildOutcome, decision: Decision) -> N
         run.clock.sleep(0.1)
 
 
+def _stopped_through_the_child(run: _Run, attempt: AttemptRecord, outcome: ChildOutcome) -> ChildOutcome:
+    """A scheduler may signal every process of the job (a SLURM job step, a container) and the child's
+    guard save and exit before the supervisor hears anything: its ``shutdown_saved`` (reason "received
+    SIGx") makes the attempt interrupted by that signal, not a crash to retry."""
+    if outcome.interrupted_by is not None:
+        return outcome
+    names = {f"received {s.name}": s for s in STOP_SIGNALS}
+    for e in reversed(run.journal.events()):
+        if e.get("event") == Event.SHUTDOWN_SAVED and e.get("time", 0) >= attempt.started \
+                and e.get("reason") in names:
+            return dataclasses.replace(outcome, interrupted_by=int(names[e["reason"]]))
+    return outcome
+
+
 def _interrupted(run: _Run, signum: int | None, when: str = "") -> ExitCode:
+    """A stop from outside: a scheduler's signal ends the run "requeue me" (ExitCode.REQUEUE), a person's
+    (SIGINT, SIGHUP) ExitCode.INTERRUPTED; either way ``oomguard run --run-dir D`` continues it."""
     name = signal.Signals(signum).name if signum else "a stop signal"
-    return _end(run, RunStatus.INTERRUPTED, ExitCode.INTERRUPTED, root_cause=f"interrupted by {name}{when}")
+    code = ExitCode.REQUEUE if signum in SCHEDULER_SIGNALS else ExitCode.INTERRUPTED
+    return _end(run, RunStatus.INTERRUPTED, code, root_cause=f"interrupted by {name}{when}")
 
 
 def _give_up(run: _Run, decision: Decision) -> ExitCode:

@@ -24,8 +24,9 @@ from .console import divert as _divert
 from .progress import HeartbeatClock
 from .tree import ProcessTree, stop_run_strays
 
-__all__ = ["StopFlag", "handle_stop_signals", "Watch", "ChildOutcome", "run_child", "exec_problem", "reap_orphan",
-           "process_started", "divert_gone_output", "tolerate_gone_output"]
+__all__ = ["SCHEDULER_SIGNALS", "STOP_SIGNALS", "StopFlag", "handle_stop_signals", "Watch", "ChildOutcome",
+           "run_child", "exec_problem", "reap_orphan", "process_started", "divert_gone_output",
+           "tolerate_gone_output"]
 
 POLL_S = 0.2
 TAIL_LINES = 200
@@ -36,15 +37,22 @@ ECHO_PER_PUMP = 8 * 1024 * 1024  # bytes echoed per poll at most (the rest next 
 STRAY_GRACE_S = 5.0  # SIGTERM -> SIGKILL for a process that outlived its attempt (it is not training)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal was closed
+# SIGHUP: the terminal was closed; SIGUSR1/SIGUSR2: a scheduler's warning before its kill (SLURM's
+# --signal=USR1@120); SIGTERM: a scheduler's or a person's stop (SLURM at the time limit, Kubernetes)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # the run ends "requeue me"
+_INSISTING = (signal.SIGINT, signal.SIGTERM)
+_WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopFlag:
-    """Set from a signal handler; read by the poll loop (SIGINT/SIGTERM/SIGHUP to the supervisor).
+    """Set from a signal handler; read by the poll loop (a STOP_SIGNALS signal to the supervisor).
 
     The first stop signal lets the child save (grace period); a second SIGINT or SIGTERM is the
-    user insisting ("a second Ctrl-C ends it at once"). SIGHUP never escalates: a terminal
-    closed after a Ctrl-C is not the user asking twice."""
+    user insisting ("a second Ctrl-C ends it at once"). SIGHUP, SIGUSR1 and SIGUSR2 never escalate
+    (a terminal closed after a Ctrl-C is not the user asking twice), and a SIGTERM after a scheduler's
+    SIGUSR1/SIGUSR2 warning does not either: SLURM's time-limit SIGTERM must not cut short the save
+    its own warning started."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -53,7 +61,7 @@ class StopFlag:
     def set(self, signum: int) -> None:
         if self.signum is None:
             self.signum = signum
-        elif signum != signal.SIGHUP:
+        elif signum in _INSISTING and self.signum not in _WARNINGS:
             self.urgent = True
 
     @property

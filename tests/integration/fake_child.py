@@ -285,7 +285,7 @@ def main() -> int:
     attempt = int(env.get(protocol.ENV_ATTEMPT, "1"))
     if attempt > args.disk_full_attempts and (out / ".filler").exists():
         (out / ".filler").unlink()  # whoever filled the disk is gone by the retry
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):  # as the guard's ShutdownCallback
         signal.signal(s, on_stop_signal)
     plan = [k.strip() for k in args.plan.split(",") if k.strip()]
     unknown = sorted(set(plan) - set(PLAN_KINDS))

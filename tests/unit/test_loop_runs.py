@@ -103,7 +103,7 @@ def test_continuation_after_an_interrupt_resumes_the_same_knobs(tmp_path):
 
 def test_a_retry_decided_but_not_started_is_carried_out_as_decided(tmp_path):
     code, _, record = run(tmp_path, [Child(steps=3, saves=[2], fail=OOM, stop_after=int(signal.SIGTERM))])
-    assert code == ExitCode.INTERRUPTED and "between attempts" in record["root_cause"]
+    assert code == ExitCode.REQUEUE and "between attempts" in record["root_cause"]
     assert record["attempts"][0]["decision"]["action"] == "retry"
     code, launcher, record = run(tmp_path, [Child(steps=2)])
     assert code == ExitCode.SUCCESS

@@ -101,3 +101,15 @@ def test_exec_problem_names_the_cause_and_the_fix(tmp_path):
     assert "/opt/nowhere/python3" in exec_problem([str(missing)])
     assert "dos2unix" in exec_problem([str(crlf)])
     assert exec_problem([str(good)]) is None and exec_problem(["sh"]) is None
+
+
+def test_slurms_sigterm_after_its_own_sigusr1_warning_does_not_cut_the_save_short():
+    stop = StopFlag()
+    stop.set(signal.SIGUSR1)  # --signal=USR1@120: the child starts saving at the step end
+    assert stop.forward == signal.SIGTERM
+    stop.set(signal.SIGTERM)  # the time limit
+    assert not stop.urgent and stop.signum == signal.SIGUSR1
+    person = StopFlag()
+    person.set(signal.SIGTERM)
+    person.set(signal.SIGTERM)
+    assert person.urgent

@@ -1,4 +1,5 @@
-"""ShutdownCallback: on SIGTERM/SIGINT, or when the supervisor is gone, save at the step end and stop.
+"""ShutdownCallback: on SIGTERM/SIGINT (and SIGUSR1/SIGUSR2 where the script left them alone), or when
+the supervisor is gone, save at the step end and stop.
 
 The supervisor forwards SIGTERM/SIGINT to the child's group and waits a grace period
 (process.Watch.grace_s) before SIGKILL; when the supervisor itself dies, the kernel sends the
@@ -27,9 +28,12 @@ from oomguard import protocol
 from oomguard.guard.env import process_alive
 from oomguard.guard.writer import EventWriter
 
-__all__ = ["CHECK_EVERY_S", "HANDLED", "ShutdownCallback"]
+__all__ = ["CHECK_EVERY_S", "HANDLED", "ShutdownCallback", "WARNINGS"]
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+# A scheduler's warning before its kill (SLURM's --signal=USR1@120 reaches every process of the job
+# step): handled only where the script left Python's default (which would end the process unsaved).
+WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 CHECK_EVERY_S = 1.0  # seconds between checks that the supervisor is alive
 
 
@@ -78,6 +82,9 @@ class ShutdownCallback(TrainerCallback):
             return  # signal handlers can only be set from the main thread
         for s in HANDLED:
             self._previous[s] = signal.signal(s, self._handle)
+        for s in WARNINGS:
+            if signal.getsignal(s) == signal.SIG_DFL:
+                self._previous[s] = signal.signal(s, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.requested and self._supervisor_gone():
