@@ -17,8 +17,8 @@ from .console import say
 if TYPE_CHECKING:
     from .journal import Journal
 
-__all__ = ["completed_step", "rung_words", "change_words", "duration_words", "ProgressTail", "HeartbeatClock",
-           "READ_CHUNK", "RATE_WINDOW"]
+__all__ = ["completed_step", "retry_words", "rung_words", "change_words", "duration_words", "ProgressTail",
+           "HeartbeatClock", "READ_CHUNK", "RATE_WINDOW"]
 
 GIB = 2**30
 TOKEN_COUNTS = ("num_tokens", "num_input_tokens_seen")  # running totals trainers log (TRL, HF)
@@ -68,6 +68,17 @@ def rung_words(rung: Any, changes: Sequence[Any]) -> str:
         kind = str(rung.get("ladder"))
     words = [change_words(c) for c in map(_plain, changes) if isinstance(c, Mapping)]
     return f"after {kind}: {', '.join(words) if words else 'same knobs'}"
+
+
+def retry_words(failure: Any, first: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """A retry with no new rung: "after a crash: same knobs", and what earlier rungs changed since attempt 1
+    ("(batch 4 → 2, accumulation ×2 since attempt 1)"), so a later attempt never reads "as requested"."""
+    try:
+        kind = KIND_WORDS[FailureKind(failure.get("kind"))] if isinstance(failure, Mapping) else "an interruption"
+    except ValueError:
+        kind = str(failure.get("kind"))
+    since = [change_words({"knob": k, "old": first.get(k), "new": v}) for k, v in now.items() if first.get(k) != v]
+    return f"after {kind}: same knobs" + (f" ({', '.join(since)} since attempt 1)" if since else "")
 
 
 def duration_words(seconds: float) -> str:
@@ -172,6 +183,8 @@ class ProgressTail:
         attempts = self.journal.record.attempts
         if not attempts:
             return "as requested"
+        if attempts[-1].rung is None and len(attempts) > 1:
+            return retry_words(_plain(attempts[-2].failure), attempts[0].knobs, attempts[-1].knobs)
         before = _plain(attempts[-2].decision) if len(attempts) > 1 else None
         changes = before.get("changes") or () if isinstance(before, Mapping) else ()
         return rung_words(attempts[-1].rung, changes)

@@ -6,7 +6,14 @@ import types
 from oomguard.supervisor import console
 from oomguard.supervisor.console import TracebackCondenser
 from oomguard.supervisor.process import _Echo
-from oomguard.supervisor.progress import ProgressTail, change_words, completed_step, duration_words, rung_words
+from oomguard.supervisor.progress import (
+    ProgressTail,
+    change_words,
+    completed_step,
+    duration_words,
+    retry_words,
+    rung_words,
+)
 
 TRACEBACK = b"""Traceback (most recent call last):
   File "/w/train.py", line 40, in <module>
@@ -136,3 +143,12 @@ def test_status_line_has_step_rate_eta_and_memory_vs_cap(tmp_path):
     tail.take({"event": "vram_limit", "limit": 24 * 2**30})
     assert tail.line() == ("attempt 2 · after CUDA OOM: length 2048 → 1024 · step 10/30 · 0.50 steps/s · ETA 40 s"
                            " · memory 6.0 / 24.0 GiB")
+
+
+def test_a_retry_without_a_new_rung_says_what_earlier_rungs_changed():
+    first = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+    now = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3}
+    assert retry_words({"kind": "crash"}, first, now) == \
+        "after crash: same knobs (batch 4 → 2, accumulation ×2 since attempt 1)"
+    assert retry_words({"kind": "hang"}, first, first) == "after hang: same knobs"
+    assert retry_words(None, first, first) == "after an interruption: same knobs"
