@@ -90,6 +90,7 @@ class Event(str, enum.Enum):
     RESUME_POSITION_INEXACT = "resume_position_inexact"
     RESUME_POSITION_UNKNOWN = "resume_position_unknown"
     PACKED_POSITION_REINDEXED = "packed_position_reindexed"
+    LR_NOTE = "lr_note"
     GUARD_STACK = "guard_stack"
     GUARD_DEGRADED = "guard_degraded"
 
@@ -238,6 +239,8 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
     (Event.RESUME_POSITION_UNKNOWN, _C, f"checkpoint:str {_STEP_OR_NONE} effective_batch:list detail:str",
      "the ledger could not place the resume"),
     (Event.PACKED_POSITION_REINDEXED, _C, f"checkpoint:str {_STEP} ...", "packed rows re-indexed on resume"),
+    (Event.LR_NOTE, _S, "attempt:int learning_rate:num lora:bool note:str",
+     "the requested learning rate is outside its recipe class's usual range (said once, never acted on)"),
     (Event.GUARD_STACK, _C, "attempt:int versions:dict tested:bool outside:list missing:list degraded:list",
      "the child's training stack against oomguard's tested range (rank 0, once per attempt)"),
     (Event.GUARD_DEGRADED, _C, "part:str error:str consequence:str",

@@ -137,8 +137,8 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "problems": {"type": "array", "items": _STR,
                      "description": "what is wrong with the run's files (skipped journal lines, ...)"},
         "guard_notes": {"type": "array", "items": _STR,
-                        "description": "the child's stack outside oomguard's tested range, and guard parts "
-                                       "that degraded on it (docs/COMPATIBILITY.md)"},
+                        "description": "the child's stack outside oomguard's tested range, guard parts that "
+                                       "degraded on it (docs/COMPATIBILITY.md), a note on the learning rate"},
     },
 }
 REPORT_JSON_SCHEMA["required"] = list(REPORT_JSON_SCHEMA["properties"])

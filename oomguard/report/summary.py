@@ -54,7 +54,7 @@ class RunSummary:
     not_applied: tuple[str, ...] = ()  # one line per change the child did not show
     problems: tuple[str, ...] = ()  # what is wrong with the run's files (skipped journal lines, a bad decision)
     failures: int = 0  # attempts that ended in a failure
-    guard_notes: tuple[str, ...] = ()  # the child's stack outside the tested range; guard parts that degraded
+    guard_notes: tuple[str, ...] = ()  # the stack outside the tested range, degraded guard parts, an LR note
 
 
 def _step_of(path: str | None) -> int | None:
@@ -207,13 +207,16 @@ def summarize_loaded(run: dict[str, Any], events: list[dict[str, Any]], problems
 
 
 def _guard_notes(events: list[dict[str, Any]]) -> tuple[str, ...]:
-    """One line per distinct stack warning (``guard_stack``) and degraded guard part (``guard_degraded``)."""
+    """One line per distinct stack warning (``guard_stack``), degraded guard part (``guard_degraded``) and
+learning-rate note (``lr_note``)."""
     notes = []
     for e in events:
         if e.get("event") == "guard_stack" and not e.get("tested", True):
-            notes += [f"stack: {line}" for line in [*e.get("outside", []), *e.get("missing", [])]]
+            notes += [f"guard stack: {line}" for line in [*e.get("outside", []), *e.get("missing", [])]]
         elif e.get("event") == "guard_degraded":
-            notes.append(f"degraded: {e.get('part')}: {e.get('error')} ({e.get('consequence')})")
+            notes.append(f"guard degraded: {e.get('part')}: {e.get('error')} ({e.get('consequence')})")
+        elif e.get("event") == "lr_note":
+            notes.append(f"note: {e.get('note')}")
     return tuple(dict.fromkeys(notes))
 
 
@@ -270,7 +273,7 @@ def render_text(s: RunSummary) -> str:
     for line in s.problems:
         lines.append(f"  problem: {line}")
     for line in s.guard_notes:
-        lines.append(f"  guard {line}")
+        lines.append(f"  {line}")
     source = "as the child ran it" if s.requested_source == "observed" else "from the command's flags only"
     lines.append(f"requested ({source}) → final:")
     lines += _knob_lines(s)

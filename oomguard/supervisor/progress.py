@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..policy.narrative import KIND_WORDS
+from ..policy.sanity import lr_note
 from ..protocol import HEARTBEAT, Event, FailureKind, rank_of_file
 from .console import say
 
@@ -105,6 +106,7 @@ class ProgressTail:
         self.cap: int | None = None  # bytes: the emulated card's limit (vram_limit), else the GPU's size
         self.last_print = 0.0
         self.last_step_printed: int | None = None
+        self.lr_noted = False
 
     def _read_new(self) -> None:
         try:
@@ -141,6 +143,20 @@ class ProgressTail:
             self.memory = dict(event)
         elif name == Event.VRAM_LIMIT.value and isinstance(event.get("limit"), int):
             self.cap = event["limit"]
+        elif name == Event.RECIPE_OBSERVED.value and self.attempt == 1 and event.get("attempt") == 1:
+            self._note_lr(event)
+
+    def _note_lr(self, event: Mapping[str, Any]) -> None:
+        """Attempt 1's learning rate against its class's range: said once at the start, journaled."""
+        if self.lr_noted:
+            return
+        self.lr_noted = True
+        knobs = event.get("knobs") if isinstance(event.get("knobs"), Mapping) else {}
+        lr, lora = knobs.get("learning_rate"), bool(event.get("lora"))
+        note = lr_note(lr, lora)
+        if note:
+            self.journal.event(Event.LR_NOTE, attempt=1, learning_rate=float(lr), lora=lora, note=note)
+            say(f"note: {note}")
 
     def _take_tokens(self, event: Mapping[str, Any]) -> None:
         """The trainer's own running token count: TRL's ``num_tokens``, HF's ``num_input_tokens_seen``."""

@@ -152,3 +152,27 @@ def test_a_retry_without_a_new_rung_says_what_earlier_rungs_changed():
         "after crash: same knobs (batch 4 → 2, accumulation ×2 since attempt 1)"
     assert retry_words({"kind": "hang"}, first, first) == "after hang: same knobs"
     assert retry_words(None, first, first) == "after an interruption: same knobs"
+
+
+def test_an_lr_far_outside_the_lora_range_is_said_once_at_the_start_and_journaled(tmp_path, capsys):
+    from oomguard.policy.sanity import lr_note
+
+    assert lr_note(2e-4, lora=True) is None and lr_note(2000.0, lora=False) is None  # no range for full FT
+    assert lr_note(2000.0, lora=True).startswith("learning_rate 2000 is 4,000,000x above the usual LoRA/QLoRA")
+    assert "below" in lr_note(1e-7, lora=True)
+    assert lr_note(1e-3, lora=True) is None  # 2x above: taste, not a typo
+    said = []
+    journal = types.SimpleNamespace(events_path=tmp_path / "events.jsonl", record=types.SimpleNamespace(attempts=[]),
+                                    event=lambda name, **fields: said.append({"event": name.value, **fields}))
+    tail = ProgressTail(journal, 1, echo=True)
+    seen = {"event": "recipe_observed", "attempt": 1, "stage": "built", "lora": True,
+            "knobs": {"learning_rate": 2000.0}}
+    tail.take(seen)
+    tail.take({**seen, "stage": "in_force"})
+    err = capsys.readouterr().err
+    assert err.count("note: learning_rate 2000 is 4,000,000x above") == 1
+    [event] = said
+    assert (event["event"], event["learning_rate"], event["lora"]) == ("lr_note", 2000.0, True)
+    later = ProgressTail(journal, 2, echo=True)  # attempt 2's own observation says nothing again
+    later.take({**seen, "attempt": 2})
+    assert "note:" not in capsys.readouterr().err

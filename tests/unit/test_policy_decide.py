@@ -374,3 +374,18 @@ def test_with_packing_a_shorter_length_still_saves_even_below_the_longest_sample
     packed = DataProfile(100, samples, 300, packed=True)
     assert decide(pol, h, CKPTS, profile=packed).knobs["max_seq_length"] == 1024
     assert decide(pol, h, CKPTS, profile=DataProfile(100, samples, 300)).action == "give_up"
+
+
+def test_the_shipped_nan_ladder_halves_once_then_steps_by_ten():
+    """An LR 10^7x too high (a typo): halving cannot undo it; after one halving that did not help the
+    shipped ladders step by x0.1 (issue 19), each step a rollback to the last finite checkpoint."""
+    pol = load_policy_arg("rtx-24gb")
+    knobs = {**pol.start_knobs(), "learning_rate": 2000.0, "precision": "bf16"}
+    history = [attempt(1, knobs, K.NAN_LOSS, step=5, max_step=5)]
+    lrs = []
+    for _ in range(4):
+        d = decide(pol, history, CKPTS)
+        assert d.action == "retry"
+        lrs.append(d.knobs["learning_rate"])
+        history.append(attempt(len(history) + 1, d.knobs, K.NAN_LOSS, step=5, rung=d.rung, max_step=5))
+    assert lrs == pytest.approx([1000.0, 100.0, 10.0, 1.0])
