@@ -80,6 +80,8 @@ def apply_rung(rung: Rung, knobs: Mapping[str, Any],
     if any(k not in knobs for k in knobs_registry.needs(rung.knob, rung.op.value)):
         return None
     new = dict(knobs)
+    if isinstance(rung, SetRung) and rung.only_from is not None and knobs[rung.knob] not in rung.only_from:
+        return None
     if isinstance(rung, HalveBatchRung):
         changed = _halve_batch(rung, new)
     else:

@@ -71,6 +71,9 @@ class SetRung(_RungBase):
     op: Literal[RungOp.SET]
     knob: str
     value: KnobValue
+    only_from: list[KnobValue] | None = Field(None, description=(
+        "take the rung only while the knob has one of these values (a NaN's precision → bf16 only from fp16: "
+        "from fp32 it would give up range for nothing)"))
 
 
 class StepDownRung(_RungBase):

@@ -389,3 +389,13 @@ def test_the_shipped_nan_ladder_halves_once_then_steps_by_ten():
         lrs.append(d.knobs["learning_rate"])
         history.append(attempt(len(history) + 1, d.knobs, K.NAN_LOSS, step=5, rung=d.rung, max_step=5))
     assert lrs == pytest.approx([1000.0, 100.0, 10.0, 1.0])
+
+
+@pytest.mark.parametrize("precision, first_change", [("fp32", "learning_rate"), ("fp16", "precision")])
+def test_the_nan_precision_rung_applies_only_from_fp16(precision, first_change):
+    """fp16 overflows past 65504 where bf16 would not; an fp32 run's NaN is not a range problem and bf16
+    would give up precision for nothing (issue 19: the precision rung only where it applies)."""
+    pol = load_policy_arg("h100-80gb")
+    knobs = {**pol.start_knobs(), "precision": precision}
+    d = decide(pol, [attempt(1, knobs, K.NAN_LOSS, step=5, max_step=5)], CKPTS, bf16_ok=True)
+    assert d.action == "retry" and [c.knob for c in d.changes] == [first_change]
