@@ -31,6 +31,7 @@ class GuardEnv:
     # how to load the checkpoint (the supervisor's decision); None: the supervisor did not say (older one)
     resume_mode: ResumeMode | None = None
     nan_skip_steps: int = 0  # non-finite updates skipped before the NaN guard stops (policy limits.nan_skip_steps)
+    rewarm_steps: int = 0  # re-enter warm-up over this many optimizer steps (after a NaN rollback)
 
     @property
     def active(self) -> bool:
@@ -64,6 +65,7 @@ class GuardEnv:
             observe=tuple(n.strip() for n in environ.get(protocol.ENV_OBSERVE, "").split(",") if n.strip()),
             resume_mode=resume_mode(environ),
             nan_skip_steps=_int(environ, protocol.ENV_NAN_SKIP_STEPS, default=0, minimum=0),
+            rewarm_steps=_int(environ, protocol.ENV_REWARM_STEPS, default=0, minimum=0),
         )
 
 

@@ -26,6 +26,7 @@ from oomguard.guard.callbacks import (
     PhaseTrackerCallback,
     PressureCheckpointCallback,
     RecipeCallback,
+    RewarmCallback,
     ShutdownCallback,
     install_tracker_callback,
 )
@@ -39,7 +40,7 @@ __all__ = ["GUARD_TYPES", "emergency_save", "guard_callbacks", "guarded_train", 
 
 GUARD_TYPES = (PhaseTrackerCallback, FaultInjectionCallback, HeartbeatCallback, DataProfileCallback,
                MemoryMonitorCallback, PressureCheckpointCallback, CacheClearerCallback, NanGuardCallback,
-               RecipeCallback)
+               RecipeCallback, RewarmCallback)
 
 _wrapped: "weakref.WeakSet[Any]" = weakref.WeakSet()  # trainers whose methods the guard wrapped
 _running: "weakref.WeakSet[Any]" = weakref.WeakSet()  # trainers inside guarded_train now
@@ -60,6 +61,7 @@ def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int | None = None) -> list
         NanGuardCallback(env.run_dir, rank=env.rank,
                          skip_steps=env.nan_skip_steps if nan_skip_steps is None else nan_skip_steps),
         RecipeCallback(env),  # on_train_begin: an ordered learning_rate over the restored schedule; recipe in force
+        RewarmCallback(env.run_dir, rank=env.rank, attempt=env.attempt, steps=env.rewarm_steps),
         ShutdownCallback(env.run_dir, rank=env.rank),  # last: its on_train_end exits after the save
     ]
 

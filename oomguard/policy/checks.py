@@ -91,6 +91,9 @@ def _ladders_problems(ladders: Ladders, start: dict[str, Any], bf16: bool) -> It
     yield from _then_problems(ladders)
     for kind in FailureKind:
         ladder = ladders.get(kind)
+        if ladder is not None and ladder.rewarm_steps and kind is not FailureKind.NAN_LOSS:
+            yield (f"ladders.{kind.value}.rewarm_steps", "only the nan_loss ladder re-enters warm-up after a "
+                   f"rollback; move it there or drop it (got {ladder.rewarm_steps})")
         for i, rung in enumerate(ladder.rungs if ladder else ()):
             for key, text in _rung_problems(rung, start, bf16):
                 yield f"ladders.{kind.value}.rungs.{i}{key}", text

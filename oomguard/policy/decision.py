@@ -81,7 +81,10 @@ def decide(policy: Policy, evidence: Evidence | Sequence[AttemptView],
                             elapsed_s=elapsed_s, world_size=world_size)
     ctx = _context(policy, evidence)
     decision = _budget_give_up(ctx) or HANDLERS[ctx.failure.kind](ctx)
-    return dataclasses.replace(decision, quarantine=ctx.aside, resume_mode=_resume_mode(ctx, decision))
+    rewarm = _rewarm_steps(ctx, decision)
+    reason = decision.reason + (f"; re-entering warm-up over {rewarm} optimizer steps" if rewarm else "")
+    return dataclasses.replace(decision, quarantine=ctx.aside, resume_mode=_resume_mode(ctx, decision),
+                               rewarm_steps=rewarm, reason=reason)
 
 
 def _context(policy: Policy, ev: Evidence) -> _Context:
@@ -116,6 +119,15 @@ def _resume_mode(ctx: _Context, decision: Decision) -> ResumeMode:
             and decision.resume_from is not None:
         return ResumeMode.OPTIMIZER_ON_CPU
     return ResumeMode.NORMAL
+
+
+def _rewarm_steps(ctx: _Context, decision: Decision) -> int:
+    """A NaN rollback re-enters warm-up when the nan_loss ladder says so (``rewarm_steps``)."""
+    ladder = ctx.policy.ladders.nan_loss
+    if ctx.failure.kind is not FailureKind.NAN_LOSS or ladder is None or decision.action is not DecisionAction.RETRY \
+            or decision.resume_from is None:
+        return 0
+    return ladder.rewarm_steps
 
 
 # --- budgets ---------------------------------------------------------------------------

@@ -113,6 +113,9 @@ Rung = Annotated[Union[ScaleRung, SetRung, StepDownRung, HalveBatchRung, Quantil
 class Ladder(_Strict):
     rungs: list[Rung] = Field(default_factory=list)
     then: FailureKind | None = Field(default=None, description="when exhausted, continue with that ladder")
+    rewarm_steps: Annotated[StrictInt, Field(ge=0, description=(
+        "nan_loss only: after a rollback the resumed attempt re-enters warm-up, its learning rate ramped "
+        "from 1/N of the schedule's to all of it over its first N optimizer steps (0: off)"))] = 0
 
 
 class Ladders(_Strict):

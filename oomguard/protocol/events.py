@@ -91,6 +91,7 @@ class Event(str, enum.Enum):
     RESUME_POSITION_UNKNOWN = "resume_position_unknown"
     PACKED_POSITION_REINDEXED = "packed_position_reindexed"
     LR_NOTE = "lr_note"
+    REWARM = "rewarm"
     GUARD_STACK = "guard_stack"
     GUARD_DEGRADED = "guard_degraded"
 
@@ -173,7 +174,7 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "root_cause:str|None", "a dead supervisor's attempt, found on continuing"),
     (Event.DECISION, _S, "attempt:int action:str reason:str knobs:dict rung:dict|None changes:list "
      "resume_from:str|None resume_class:str|None give_up:str|None backoff_s:num|None truncation_share:num|None "
-     "effective_batch:list|None lr_note:str|None quarantine?:list resume_mode?:str",
+     "effective_batch:list|None lr_note:str|None quarantine?:list resume_mode?:str rewarm_steps?:int",
      "what the policy decided after a failure"),
     (Event.GPU_RELEASE_WAIT, _S, "released:bool waited_s:num", "waited for the GPU memory to come back"),
     (Event.NOTIFICATION, _S, "kind:str target:str ok:bool status:int|None error:str|None",
@@ -241,6 +242,8 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
     (Event.PACKED_POSITION_REINDEXED, _C, f"checkpoint:str {_STEP} ...", "packed rows re-indexed on resume"),
     (Event.LR_NOTE, _S, "attempt:int learning_rate:num lora:bool note:str",
      "the requested learning rate is outside its recipe class's usual range (said once, never acted on)"),
+    (Event.REWARM, _C, f"attempt:int {_STEP} steps:int factor:num lr:list scheduled:list",
+     "the attempt re-entered warm-up after a NaN rollback: the optimizer's rate on its first step"),
     (Event.GUARD_STACK, _C, "attempt:int versions:dict tested:bool outside:list missing:list degraded:list",
      "the child's training stack against oomguard's tested range (rank 0, once per attempt)"),
     (Event.GUARD_DEGRADED, _C, "part:str error:str consequence:str",

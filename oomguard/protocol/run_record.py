@@ -205,9 +205,11 @@ class Decision:
     lr_note: str | None = None  # set when the effective batch changes
     quarantine: tuple[SetAside, ...] = ()
     resume_mode: ResumeMode = ResumeMode.NORMAL
+    rewarm_steps: int = 0  # the next attempt re-enters warm-up over this many optimizer steps (a NaN rollback)
 
     def to_dict(self) -> dict[str, Any]:
-        """Today's ``decision`` shape; ``quarantine`` and ``resume_mode`` only when they say something."""
+        """Today's ``decision`` shape; ``quarantine``, ``resume_mode`` and ``rewarm_steps`` only when they say
+        something."""
         out = {"action": _plain(self.action), "reason": self.reason, "knobs": dict(self.knobs),
                "rung": _plain(self.rung), "changes": _plain(self.changes), "resume_from": self.resume_from,
                "resume_class": _plain(self.resume_class), "give_up": _plain(self.give_up),
@@ -218,6 +220,8 @@ class Decision:
             out["quarantine"] = _plain(self.quarantine)
         if self.resume_mode is not ResumeMode.NORMAL:
             out["resume_mode"] = self.resume_mode.value
+        if self.rewarm_steps:
+            out["rewarm_steps"] = self.rewarm_steps
         return out
 
     @classmethod
@@ -232,7 +236,8 @@ class Decision:
                    effective_batch=tuple(batch) if isinstance(batch, (list, tuple)) else None,  # type: ignore[arg-type]
                    lr_note=d.get("lr_note"),
                    quarantine=tuple(s for q in d.get("quarantine") or () if (s := _tolerant(SetAside.from_dict, q))),
-                   resume_mode=_enum(ResumeMode, d.get("resume_mode"), ResumeMode.NORMAL))
+                   resume_mode=_enum(ResumeMode, d.get("resume_mode"), ResumeMode.NORMAL),
+                   rewarm_steps=d.get("rewarm_steps") if isinstance(d.get("rewarm_steps"), int) else 0)
 
 
 # --- the record ----------------------------------------------------------------------------
@@ -258,9 +263,14 @@ class AttemptRecord:
     observed: dict[str, Any] | None = None  # the child's recipe_observed payload (in force, else as built)
     verified: dict[str, str] = dataclasses.field(default_factory=dict)  # ordered knob -> a Verdict value
     resumed_step: int | None = None  # the step of resumed_from
+    rewarm_steps: int = 0  # optimizer steps this attempt re-entered warm-up over (a NaN rollback's decision)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Every field; ``rewarm_steps`` only when the attempt re-entered warm-up."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if not self.rewarm_steps:
+            del out["rewarm_steps"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AttemptRecord":

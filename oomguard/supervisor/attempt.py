@@ -27,6 +27,7 @@ from ..protocol import (
     ENV_OBSERVE,
     ENV_RESUME_FROM,
     ENV_RESUME_MODE,
+    ENV_REWARM_STEPS,
     ENV_RUN_DIR,
     ENV_SUPERVISOR_PID,
     ENV_VRAM_LIMIT,
@@ -62,6 +63,7 @@ class Plan:
     rung: RungRef | None = None
     resume_from: str | None = None
     resume_mode: ResumeMode = ResumeMode.NORMAL
+    rewarm_steps: int = 0  # re-enter warm-up over this many optimizer steps (a NaN rollback's decision)
 
 
 def watch_of(spec: RunSpec) -> Watch:
@@ -77,7 +79,8 @@ def start_attempt(spec: RunSpec, journal: Journal, plan: Plan, now: float) -> At
     built = build_command(record.command, record.orders, spec.extra_flags, plan.resume_from)
     attempt = AttemptRecord(n=n, started=now, knobs=dict(record.config), rung=plan.rung,
                             resumed_from=plan.resume_from, command=list(built.argv), delivered=dict(built.delivered),
-                            orders=dict(record.orders), resumed_step=checkpoint_step(plan.resume_from))
+                            orders=dict(record.orders), resumed_step=checkpoint_step(plan.resume_from),
+                            rewarm_steps=plan.rewarm_steps if plan.resume_from else 0)
     record.attempts.append(attempt)
     atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
     journal.save()
@@ -104,6 +107,7 @@ def child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord, mode: Res
         ENV_OBSERVE: ",".join(k for k in policy_knobs(spec.policy) if k not in REGISTRY),
         ENV_RESUME_MODE: mode.value,  # decided by policy.decide(); the child never infers it
         ENV_NAN_SKIP_STEPS: str(spec.policy.limits.nan_skip_steps),
+        ENV_REWARM_STEPS: str(attempt.rewarm_steps),
     })
     if attempt.n == 1 and not attempt.resumed_from:
         # no supervisor choice yet: the command's own --resume_from_checkpoint stands (Trust rule 1),

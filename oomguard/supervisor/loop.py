@@ -152,7 +152,8 @@ def _carry_out(run: _Run, decision: Decision, resume_from: str | None) -> Plan:
     record = run.journal.record
     record.config = dict(decision.knobs)
     record.orders.update({c.knob: c.new for c in decision.changes})  # orders from now on
-    return Plan(decision.rung, resume_from, decision.resume_mode if resume_from else ResumeMode.NORMAL)
+    return Plan(decision.rung, resume_from, decision.resume_mode if resume_from else ResumeMode.NORMAL,
+                decision.rewarm_steps if resume_from else 0)
 
 
 def _launch(run: _Run, attempt: AttemptRecord, mode: ResumeMode) -> ChildOutcome:

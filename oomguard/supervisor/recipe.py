@@ -71,3 +71,33 @@ def verify_orders(spec: RunSpec, journal: Journal, attempt: AttemptRecord, seen:
                           observed=check.observed, why=check.why or None)
         if check.status is Verdict.NOT_APPLIED:
             say(spec, f"change not applied: {check.knob} → {check.expected}: {check.why}")
+    verify_rewarm(spec, journal, attempt, events)
+
+
+REWARM = "rewarm_steps"  # the name a re-entered warm-up is verified under (AttemptRecord.verified)
+
+
+def verify_rewarm(spec: RunSpec, journal: Journal, attempt: AttemptRecord, events: list[dict[str, Any]]) -> None:
+    """A decided warm-up re-entry (Trust rule 3): verified when the child's ``rewarm`` event shows the
+    optimizer's rate on the first step at 1/N of the schedule's; not applied when the attempt trained a
+    step without one; unverified when it trained none."""
+    steps = attempt.rewarm_steps
+    if not steps:
+        return
+    seen = next((e for e in events if e.get("event") == Event.REWARM.value and e.get("attempt") == attempt.n), None)
+    if seen is None:
+        if not any(e.get("event") == Event.STEP.value and e.get("attempt") == attempt.n for e in events):
+            attempt.verified[REWARM] = Verdict.UNVERIFIED.value
+            return
+        why = "the attempt trained without a rewarm event: its optimizer never showed the ramp"
+        attempt.verified[REWARM] = Verdict.NOT_APPLIED.value
+        journal.event(Event.CHANGE_NOT_APPLIED, attempt=attempt.n, knob=REWARM, expected=steps, observed=None, why=why)
+        say(spec, f"change not applied: re-entering warm-up over {steps} steps: {why}")
+        return
+    lr, scheduled = seen.get("lr") or [], seen.get("scheduled") or []
+    ok = seen.get("steps") == steps and len(lr) == len(scheduled) > 0 and all(
+        abs(a - s / steps) <= 1e-9 + 1e-6 * abs(s) for a, s in zip(lr, scheduled))
+    verdict = Verdict.VERIFIED if ok else Verdict.NOT_APPLIED
+    attempt.verified[REWARM] = verdict.value
+    journal.event(_VERDICT_EVENTS[verdict], attempt=attempt.n, knob=REWARM, expected=steps, observed=seen.get("steps"),
+                  why=None if ok else f"the first step's rate {lr} is not 1/{steps} of the schedule's {scheduled}")

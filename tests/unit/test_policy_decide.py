@@ -399,3 +399,24 @@ def test_the_nan_precision_rung_applies_only_from_fp16(precision, first_change):
     knobs = {**pol.start_knobs(), "precision": precision}
     d = decide(pol, [attempt(1, knobs, K.NAN_LOSS, step=5, max_step=5)], CKPTS, bf16_ok=True)
     assert d.action == "retry" and [c.knob for c in d.changes] == [first_change]
+
+
+def test_a_nan_rollback_re_enters_warm_up_when_the_ladder_says_so():
+    ladders = {**policy().model_dump(mode="json")["ladders"]}
+    ladders["nan_loss"] = {**ladders["nan_loss"], "rewarm_steps": 5}
+    pol = policy(ladders=ladders)
+    d = decide(pol, [attempt(1, pol, K.NAN_LOSS, 30, max_step=30)], CKPTS)
+    assert d.rewarm_steps == 5 and d.reason.endswith("; re-entering warm-up over 5 optimizer steps")
+    assert d.to_dict()["rewarm_steps"] == 5
+    assert decide(pol, [attempt(1, pol, K.CUDA_OOM, 30, max_step=30)], CKPTS).rewarm_steps == 0
+    fresh = decide(pol, [attempt(1, pol, K.NAN_LOSS, None, max_step=None)], ())  # nothing to roll back to
+    assert fresh.resume_from is None and fresh.rewarm_steps == 0
+    assert "rewarm_steps" not in decide(policy(), [attempt(1, policy(), K.NAN_LOSS, 30, max_step=30)],
+                                        CKPTS).to_dict()
+
+
+def test_only_the_nan_ladder_may_re_enter_warm_up():
+    ladders = {**policy().model_dump(mode="json")["ladders"]}
+    ladders["cuda_oom"] = {**ladders["cuda_oom"], "rewarm_steps": 3}
+    with pytest.raises(Exception, match=r"ladders\.cuda_oom\.rewarm_steps: only the nan_loss ladder"):
+        policy(ladders=ladders)
