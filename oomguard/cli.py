@@ -107,6 +107,11 @@ def run(ctx: typer.Context,
         on_end: Optional[str] = typer.Option(None, metavar="CMD", help="Run this shell command when the run ends, "
                                              "the `report --json` document on its stdin."),
         on_end_timeout: float = typer.Option(300.0, metavar="SECONDS", help="Stop the --on-end command after this."),
+        warm_spare: bool = typer.Option(False, "--warm-spare/--no-warm-spare",
+                                        help="Experimental, off by default: keep one pre-imported interpreter "
+                                        "(host memory only, no CUDA) that becomes the next attempt's child. "
+                                        "On CPU a restart skips the imports; on a CUDA machine it saved nothing "
+                                        "yet (docs/BENCHMARKS.md)."),
         ) -> None:
     """Run COMMAND (after --) under the supervisor.
 
@@ -122,7 +127,8 @@ def run(ctx: typer.Context,
         command = _command_for(rd, list(ctx.args))
         spec = build_spec(command, policy_arg=policy, run_dir=rd, checkpoint_dir=checkpoint_dir,
                           vram_limit=vram_limit, inject=inject, echo=not quiet, start_from_policy=start_from_policy,
-                          on_recovery=notifier.recovery if notifier and told.on_recovery else None, verbose=verbose)
+                          on_recovery=notifier.recovery if notifier and told.on_recovery else None, verbose=verbose,
+                          warm_spare=warm_spare)
         if dry_run:
             _print_dry_run(spec)
             return

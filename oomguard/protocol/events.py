@@ -45,6 +45,7 @@ class Event(str, enum.Enum):
     ATTEMPT_ABANDONED = "attempt_abandoned"
     DECISION = "decision"
     GPU_RELEASE_WAIT = "gpu_release_wait"
+    CHILD_START = "child_start"
     NOTIFICATION = "notification"
     ON_END = "on_end"
     # supervisor: checkpoints and the recipe seen in the child
@@ -176,6 +177,9 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "resume_from:str|None resume_class:str|None give_up:str|None backoff_s:num|None truncation_share:num|None "
      "effective_batch:list|None lr_note:str|None quarantine?:list resume_mode?:str rewarm_steps?:int",
      "what the policy decided after a failure"),
+    (Event.CHILD_START, _S, "attempt:int start:str reason:str|None waited_s:num spare_pid?:int|None "
+     "spare_rss?:int|None preloaded?:list spare_ready_s?:num",
+     "attempt >= 2: a warm start (the spare's pre-imported interpreter became the child) or a cold one, and why"),
     (Event.GPU_RELEASE_WAIT, _S, "released:bool waited_s:num", "waited for the GPU memory to come back"),
     (Event.NOTIFICATION, _S, "kind:str target:str ok:bool status:int|None error:str|None",
      "a --notify POST (kind end|recovery; target: scheme://host/ only, the URL's path is a secret)"),

@@ -49,6 +49,7 @@ from .progress import completed_step
 from .ranks import rank_records, root_cause_text
 from .recipe import observe_attempt
 from .resume_point import checkpoint_dir
+from .spare import spares_for
 from .spec import RunSpec, policy_knobs, say
 from .trackers import tracker_env
 
@@ -69,7 +70,8 @@ class Plan:
 def watch_of(spec: RunSpec) -> Watch:
     limits = spec.policy.limits
     return Watch(heartbeat_dir=spec.run_dir, hang_timeout_s=limits.hang_timeout_s, echo=spec.echo,
-                 startup_timeout_s=limits.startup_timeout_s, condense=not spec.verbose)
+                 startup_timeout_s=limits.startup_timeout_s, condense=not spec.verbose,
+                 spares=spares_for(spec.run_dir, spec.warm_spare))
 
 
 def start_attempt(spec: RunSpec, journal: Journal, plan: Plan, now: float) -> AttemptRecord:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Callable, Iterator, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import psutil
 
@@ -24,9 +24,12 @@ from .console import divert as _divert
 from .progress import HeartbeatClock
 from .tree import ProcessTree, stop_run_strays
 
+if TYPE_CHECKING:  # spare.py imports this module (start_spare); the keeper reaches us through Watch
+    from .spare import Spares
+
 __all__ = ["SCHEDULER_SIGNALS", "STOP_SIGNALS", "StopFlag", "handle_stop_signals", "Watch", "ChildOutcome",
            "run_child", "exec_problem", "reap_orphan", "process_started", "divert_gone_output",
-           "tolerate_gone_output"]
+           "tolerate_gone_output", "start_spare"]
 
 POLL_S = 0.2
 TAIL_LINES = 200
@@ -93,6 +96,7 @@ class Watch:
     startup_timeout_s: float | None = None  # to the first heartbeat; None: hang_timeout_s
     echo: bool = True  # the child's output on our terminal (``-q``: only in the logs)
     condense: bool = True  # its tracebacks as three lines of ours (``-v``: whole)
+    spares: "Spares | None" = None  # the run's warm-spare keeper (supervisor/spare.py); None: always cold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +303,18 @@ def _spawn(argv: Sequence[str], env: Mapping[str, str], out_log: IO[bytes],
         return exc
 
 
+def start_spare(argv: Sequence[str], env: Mapping[str, str], out_log: IO[bytes], err_log: IO[bytes],
+                pass_fds: Sequence[int]) -> subprocess.Popen | OSError:
+    """A warm spare (``supervisor/spare.py``): started as a child is (own session, parent-death
+    signal, stdin closed) so that, handed an attempt, it is one; ``pass_fds`` its two pipes."""
+    try:
+        return subprocess.Popen(list(argv), env=dict(env), stdout=out_log, stderr=err_log,
+                                stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=tuple(pass_fds),
+                                preexec_fn=_set_parent_death_signal)
+    except OSError as exc:
+        return exc
+
+
 def _not_started(argv: Sequence[str], env: Mapping[str, str], exc: OSError, err_path: Path,
                  echoes: list[_Echo], t0: float) -> ChildOutcome:
     """An exec that failed, as an attempt that failed at startup: the loop records it (a crash that
@@ -351,6 +367,13 @@ def _poll_once(popen: subprocess.Popen, tree: ProcessTree, watch: Watch, stop: S
         on_tick()
 
 
+def _beat_moved(beats: HeartbeatClock) -> bool:
+    """True once a heartbeat of this attempt moved (the child trains)."""
+    if not beats.moved:
+        beats.ages()  # reads the heartbeat files' mtimes (the hang check may not, without a timeout)
+    return bool(beats.moved)
+
+
 def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, watch: Watch,
               stop: StopFlag, on_tick: Callable[[], None] | None = None,
               on_start: Callable[[int], None] | None = None) -> ChildOutcome:
@@ -366,8 +389,10 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
         err_start = err_path.stat().st_size
         echoes = [_Echo(out_path, sys.stdout.buffer if watch.echo else None, 1),
                   _Echo(err_path, sys.stderr.buffer if watch.echo else None, 2, condense=watch.condense)]
+        popen = watch.spares.take(argv, env, out_path, err_path, stop) if watch.spares is not None else None
         beats = HeartbeatClock(watch.heartbeat_dir)  # before the start: the hang deadline runs from launch
-        popen = _spawn(argv, env, out_log, err_log)
+        if popen is None:
+            popen = _spawn(argv, env, out_log, err_log)
     if isinstance(popen, OSError):
         return _not_started(argv, env, popen, err_path, echoes, t0)
     if on_start is not None:
@@ -375,6 +400,8 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
     tree, seen = ProcessTree(popen.pid), _Watching()
     while popen.poll() is None:
         _poll_once(popen, tree, watch, stop, beats, seen, on_tick)
+        if watch.spares is not None:  # the next attempt's spare, once this one trains
+            watch.spares.tick(argv, env, time.monotonic() - t0, _beat_moved(beats), popen.pid)
         for echo in echoes:
             echo.pump()
         divert_gone_output()  # a reader gone while we watched: no later print may raise
@@ -383,6 +410,10 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
         except subprocess.TimeoutExpired:
             pass
     tree.signal(signal.SIGKILL)  # stragglers a launcher left behind, in its group or their own
+    if watch.spares is not None:
+        watch.spares.ended(popen.returncode, _beat_moved(beats))
+        if popen.returncode == 0 or seen.interrupted is not None:
+            watch.spares.close()  # no next attempt: the spare would only hold memory
     strays = _stop_strays(env, stop)
     for echo in echoes:
         echo.pump(None)

@@ -71,6 +71,7 @@ class RunSpec:
     verbose: bool = False  # the child's tracebacks whole (``--verbose``), else condensed
     redirect_checkpoints: bool = False  # --checkpoint-dir given: the bootstrap moves output_dir there
     start_from_policy: bool = False
+    warm_spare: bool = False  # keep a pre-imported interpreter for the next attempt (supervisor/spare.py)
     # called after each recovery decision is journaled (a notifier); an exception from it is logged, never fatal
     on_recovery: RecoveryHook | None = None
 
@@ -212,7 +213,8 @@ def _continued_policy(run_dir: Path) -> Policy:
 def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                checkpoint_dir: Path | None = None, vram_limit: str | None = None,
                inject: str | None = None, echo: bool = True, start_from_policy: bool = False,
-               on_recovery: RecoveryHook | None = None, verbose: bool = False) -> RunSpec:
+               on_recovery: RecoveryHook | None = None, verbose: bool = False,
+               warm_spare: bool = False) -> RunSpec:
     _check_options(vram_limit, inject)
     cmd = _check_command(command)
     check_run_dir(run_dir)
@@ -227,7 +229,7 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                    orders=first_orders(policy, cmd, extra, start), extra_flags=extra,
                    world_size=world_size_of(cmd), gpu=gpu, vram_limit=vram_limit, inject=inject, echo=echo,
                    verbose=verbose, redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start,
-                   on_recovery=on_recovery)
+                   on_recovery=on_recovery, warm_spare=warm_spare)
 
 
 def say(spec: RunSpec, text: str) -> None:

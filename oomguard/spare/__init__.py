@@ -1,0 +1,19 @@
+"""The warm spare's own side (issue 17): an interpreter that has done the heavy imports and waits to
+become the next attempt's child. Stdlib only until :mod:`.preload` imports the training stack.
+
+The supervisor (``oomguard/supervisor/spare.py``) starts ``python [the command's interpreter
+options] -m oomguard.spare PLAN ORDERS_FD READY_FD`` with the current attempt's environment less
+every ``OOMGUARD_*`` variable (so the bootstrap installs nothing yet and the stray scan never
+mistakes it for a child of the run). ``PLAN`` (JSON) says what the next child runs: ``kind``
+``script`` (a ``.py`` file or a Python console script) or ``module`` (``python -m``) and its
+``name``. The spare sets ``sys.path[0]`` as that fresh process would, imports the stack the
+script names (:mod:`.preload`; never CUDA: a module that initialises it ends the spare), says so
+on ``READY_FD``, and blocks on ``ORDERS_FD``. The orders (JSON, then EOF) are the attempt's argv,
+environment, cwd and log files; :mod:`.become` turns the process into that child. EOF without
+orders: the run needs no spare any more, exit 0.
+"""
+
+PLAN_KINDS = ("script", "module")
+EXIT_CUDA = 3  # the spare's exit code when an import initialised CUDA (the supervisor drops that module)
+
+__all__ = ["EXIT_CUDA", "PLAN_KINDS"]
