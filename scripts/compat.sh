@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The compatibility matrix's older stack (issue 16 item 3): tests/compat/ again, in a venv of the pinned
-# old HF stack (tests/compat/requirements-old.txt). The current stack runs the same tests in .venv with
-# the main suite (scripts/test.sh).
+# old HF stack (tests/compat/requirements-old.txt). In .venv (the current stack) the main suite runs the
+# install test, and its two trainings only with OOMGUARD_COMPAT_CURRENT=1 (tests/compat/conftest.py).
 #
 #   bash scripts/compat.sh setup   # create/reuse the old venv, then `pip install <project>` into it as a
 #                                  # user would, recording pip freeze before/after and pip check

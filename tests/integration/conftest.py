@@ -3,6 +3,7 @@ into a cache dir of the test's own (never the user's ~/.cache)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -48,3 +49,14 @@ def pytest_collection_modifyitems(session, config, items):
         return next((i for i, tail in enumerate(LONGEST_FIRST) if path.endswith(tail)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: within a file and among the rest, collection order
+
+
+@pytest.fixture(autouse=True)
+def _no_oomguard_env_leaks():
+    """A test that sets an ``OOMGUARD_*`` variable in this worker's own environment (an in-process recipe
+    run) must not hand it to every later test's children: put them back as they were."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("OOMGUARD_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("OOMGUARD_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)

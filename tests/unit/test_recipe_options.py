@@ -9,6 +9,15 @@ from oomguard.errors import UsageError
 from oomguard.recipes.options import RecipeOptions, resolve_options
 from oomguard.recipes.sft import warmup_steps
 
+
+@pytest.fixture(autouse=True)
+def _own_bootstrap_skip(monkeypatch):
+    """``main(--no_guard)`` in-process sets OOMGUARD_BOOTSTRAP_SKIP in this process's environment (in a
+    recipe process that is the point); here it must not outlive the test, or every later child of this
+    pytest worker inherits ``callbacks`` skipped and trains unguarded (it broke test_demo once)."""
+    monkeypatch.setenv(protocol.ENV_BOOTSTRAP_SKIP, "")
+
+
 FLAGS = ["--per_device_train_batch_size", "8", "--lora_r", "32", "--precision", "fp16", "--output_dir", "flags-out"]
 
 
