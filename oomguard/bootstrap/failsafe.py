@@ -21,10 +21,6 @@ __all__ = ["failsafe", "report_degraded"]
 _said: set[str] = set()
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return type(exc).__name__.endswith("OutOfMemoryError") or protocol.find_oom(str(exc)) is not None
-
-
 def report_degraded(part: str, exc: BaseException, consequence: str) -> None:
     """Say that ``part`` failed with ``exc`` (stderr, once a process; the run's journal, rank 0)."""
     error = f"{type(exc).__name__}: {exc}"[:500]
@@ -50,6 +46,6 @@ def failsafe(part: str, consequence: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if _is_oom(exc):
+        if protocol.is_oom(type(exc).__name__, str(exc)):
             raise
         report_degraded(part, exc, consequence)

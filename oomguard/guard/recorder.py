@@ -18,9 +18,7 @@ __all__ = ["CaughtFailure", "build_record", "classify_exception", "free_cuda_mem
 _OOM_KIND_BY_PHASE = {Phase.CHECKPOINT_LOAD: FailureKind.RESUME_OOM, Phase.EVAL: FailureKind.EVAL_OOM}
 
 
-def is_oom(exc_type: str, message: str) -> bool:
-    """A GPU OOM by type (``OutOfMemoryError``) or by any message in protocol.OOM_PATTERNS."""
-    return exc_type.endswith("OutOfMemoryError") or protocol.find_oom(message) is not None
+is_oom = protocol.is_oom  # the one rule (protocol.text); kept here, where the guard's callers import it
 
 
 def classify_exception(exc_type: str, message: str, phase: Phase) -> FailureKind:

@@ -35,14 +35,6 @@ def installed_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return found
 
 
-def _minor(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def outside_range(versions: Mapping[str, str], tested: Mapping[str, tuple[str, str]] = internals.TESTED_RANGE,
                   floor: Mapping[str, str] = internals.FLOOR) -> list[str]:
     """One line per package outside the tested range (below the floor: unsupported). Pure."""
@@ -51,13 +43,13 @@ def outside_range(versions: Mapping[str, str], tested: Mapping[str, tuple[str, s
         if name not in tested:
             continue
         low, high = tested[name]
-        have = _minor(version)
-        if name in floor and have < _minor(floor[name]):
+        have = internals.minor_version(version)
+        if name in floor and have < internals.minor_version(floor[name]):
             lines.append(f"{name} {version} is below oomguard's floor {floor[name]}: unsupported, parts of the "
                          f"guard may not work (tested: {low}-{high})")
-        elif have < _minor(low):
+        elif have < internals.minor_version(low):
             lines.append(f"{name} {version} is older than the tested {low}-{high}")
-        elif have > _minor(high):
+        elif have > internals.minor_version(high):
             lines.append(f"{name} {version} is newer than the tested {low}-{high}")
     return lines
 

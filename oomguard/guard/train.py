@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from oomguard.bootstrap.failsafe import report_degraded
+from oomguard.bootstrap.failsafe import failsafe
 from oomguard.guard import trainer_patches as internals
 from oomguard.guard.callbacks import (
     CacheClearerCallback,
@@ -32,7 +32,7 @@ from oomguard.guard.callbacks import (
 )
 from oomguard.guard.emergency import die, emergency_save
 from oomguard.guard.env import GuardEnv
-from oomguard.guard.recorder import CaughtFailure, is_oom
+from oomguard.guard.recorder import CaughtFailure
 from oomguard.guard.resume.prepare import prepare_resume
 from oomguard.protocol import Phase
 
@@ -144,13 +144,11 @@ def guarded_train(trainer, *, env: GuardEnv, resume_from_checkpoint: str | bool 
     unpatched method, so a user's own ``trainer.train()`` call runs under the same guard).
     """
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else env.resume_from
-    try:
+    tracker = None
+    with failsafe("the guard's installation", "this attempt trains without the guard (no error record, no "
+                  "emergency checkpoint): a failure is classified from its exit and stderr only"):
         tracker = install_guard(trainer, env)
-    except Exception as exc:  # oomguard's own failure: the user's training still runs, unguarded
-        if is_oom(type(exc).__name__, str(exc)):
-            raise
-        report_degraded("the guard's installation", exc, "this attempt trains without the guard (no error "
-                        "record, no emergency checkpoint): a failure is classified from its exit and stderr only")
+    if tracker is None:  # oomguard's own failure: the user's training still runs, unguarded
         return (train_fn or trainer.train)(resume_from_checkpoint=resume or None)
     tracker.phase = Phase.CHECKPOINT_LOAD if resume else Phase.STARTUP
     outcome = _run(trainer, tracker, resume, env, train_fn)

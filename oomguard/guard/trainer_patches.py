@@ -18,11 +18,12 @@ import enum
 import functools
 import importlib
 import inspect
+import re
 from typing import Any, Callable, Iterator
 
-__all__ = ["FLOOR", "INNER_TRAINING_LOOP", "INTERNALS", "Internal", "SAVE_CHECKPOINT",
-           "TESTED_RANGE", "Use", "allow_numpy_rng_state", "inf_norms", "keep_args_batch_size",
-           "keep_train_sampler_over", "keep_trainable_dtypes", "load_optimizer_on_cpu", "missing", "missing_loaded",
+__all__ = ["FLOOR", "INNER_TRAINING_LOOP", "INTERNALS", "Internal", "SAVE_CHECKPOINT", "TESTED_RANGE", "Use",
+           "allow_numpy_rng_state", "inf_norms", "keep_args_batch_size", "keep_train_sampler_over",
+           "keep_trainable_dtypes", "load_optimizer_on_cpu", "minor_version", "missing", "missing_loaded",
            "pack_dataset", "prepare_sft_dataset", "save_checkpoint", "train_batch_size", "wrap_instance_method"]
 
 # The range the test suite exercises every internal below in (CI: the current stack and an older pinned one,
@@ -108,6 +109,15 @@ INTERNALS: tuple[Internal, ...] = (
 
 INNER_TRAINING_LOOP = "_inner_training_loop"  # a frame name
 SAVE_CHECKPOINT = "_save_checkpoint"  # wrapped by name (wrap_instance_method)
+
+
+def minor_version(version: str) -> tuple[int, ...]:
+    """``"4.57.6+cu124"`` -> ``(4, 57)``, ``"2.6.0.dev2024"`` -> ``(2, 6)``: major.minor by leading digits. Pure."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = re.match(r"\d*", piece).group()
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def _resolve(owner: str) -> Any:
@@ -204,7 +214,7 @@ def allow_numpy_rng_state(trainer: Any) -> bool:
     hf = sys.modules.get("transformers.trainer")
     if hf is None or hasattr(hf, "safe_globals") or not hasattr(torch.serialization, "safe_globals"):
         return False
-    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+    if minor_version(torch.__version__) < (2, 6):
         return False
     import numpy as np
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_size", "OOM_PATTERNS", "find_oom"]
+__all__ = ["parse_size", "OOM_PATTERNS", "find_oom", "is_oom"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "ki": 2**10,
@@ -55,3 +55,9 @@ def find_oom(text: str) -> str | None:
         if _OOM_RE.search(line):
             return line.strip()
     return None
+
+
+def is_oom(exc_type: str, message: str) -> bool:
+    """A GPU OOM by the exception's type name (``OutOfMemoryError``) or by any line of ``message`` in
+    :data:`OOM_PATTERNS`: the one rule both the guard's classifier and the bootstrap's failsafe use."""
+    return exc_type.endswith("OutOfMemoryError") or find_oom(message) is not None

@@ -162,3 +162,23 @@ def test_an_attribute_of_a_class_made_at_run_time_is_found_in_its_bases():
         assert internals.missing((item,)) == []
     finally:
         del globals()["Made"]
+
+
+def test_major_minor_take_leading_digits_only():
+    assert internals.minor_version("4.57.6+cu124") == (4, 57)
+    assert internals.minor_version("2.6.0.dev20241112") == (2, 6)
+    assert internals.minor_version("5.0rc1") == (5, 0)  # not 5.01: a pre-release suffix is no digit of the minor
+
+
+def test_a_failed_guard_installation_trains_unguarded_and_says_so(monkeypatch, capsys):
+    from oomguard.guard import train
+
+    def broken(trainer, env):
+        raise AttributeError("'Trainer' object has no attribute 'callback_handler'")
+
+    monkeypatch.setattr(train, "install_guard", broken)
+    ran = []
+    out = train.guarded_train(object(), env=GuardEnv(), resume_from_checkpoint=False,
+                              train_fn=lambda resume_from_checkpoint: ran.append(resume_from_checkpoint) or "trained")
+    assert out == "trained" and ran == [None]
+    assert "the guard's installation failed (AttributeError" in capsys.readouterr().err
