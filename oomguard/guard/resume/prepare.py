@@ -11,8 +11,9 @@ What it does, the changes recorded as journal events:
 - ``max_length`` changed with packing on: the examples seen are mapped to the re-packed rows and the
   unseen ones trained first (:mod:`packed`); where that cannot be done, an event says so;
 - keeps the trainable parameters' dtype across the adapter load (PEFT upcasts bf16 to fp32);
-- trains at the args' batch, not the checkpoint's (transformers < 5.2 takes the checkpoint's);
-- transformers < 4.47 on torch >= 2.6: the RNG state loads under later transformers' numpy allowlist;
+- from attempt 2 (oomguard's own resume, never the command's own on attempt 1): trains at the args' batch,
+  not the checkpoint's (transformers < 5.2 takes the checkpoint's), and on transformers < 4.47 with
+  torch >= 2.6 loads the RNG state under later transformers' numpy allowlist;
 - oomguard's own failure placing the data is said (``guard_degraded``) and the resume goes on;
 - ``lora_r``/``lora_alpha`` changed: the adapter is cut by truncated SVD (:mod:`adapter`), the
   optimizer state of the cut tensors is reset (entries dropped; the LR schedule is kept);
@@ -84,8 +85,9 @@ def prepare_resume(trainer, checkpoint: str | None, env: GuardEnv) -> str | None
     if not checkpoint:
         return None
     internals.keep_trainable_dtypes(trainer)
-    internals.keep_args_batch_size(trainer)
-    internals.allow_numpy_rng_state(trainer)
+    if env.attempt > 1:  # oomguard's own resume; attempt 1 resumes as the user's stack would (Trust rule 1)
+        internals.keep_args_batch_size(trainer)
+        internals.allow_numpy_rng_state(trainer)
     journal = EventWriter(env.run_dir, env.rank)
     source = Path(checkpoint)
     if resume_mode_of(env) == ResumeMode.OPTIMIZER_ON_CPU:
