@@ -182,6 +182,9 @@ class Limits(_Strict):
     gpu_release_timeout_s: Annotated[Number, Field(ge=0)] = 120
     host_oom_percent: Annotated[Number, Field(gt=0, le=100)] = 90  # % host memory in use
     nan_skip_steps: Annotated[StrictInt, Field(ge=0)] = 0
+    # s the rest of an attempt may run after one rank wrote its error record, before the supervisor
+    # stops it: a rank blocked in a collective for a dead peer otherwise waits out NCCL's timeout
+    failed_rank_linger_s: Annotated[Number, Field(gt=0)] = 15
 
 
 class FlagNames(_Strict):

@@ -71,7 +71,7 @@ def watch_of(spec: RunSpec) -> Watch:
     limits = spec.policy.limits
     return Watch(heartbeat_dir=spec.run_dir, hang_timeout_s=limits.hang_timeout_s, echo=spec.echo,
                  startup_timeout_s=limits.startup_timeout_s, condense=not spec.verbose,
-                 spares=spares_for(spec.run_dir, spec.warm_spare))
+                 spares=spares_for(spec.run_dir, spec.warm_spare), linger_s=limits.failed_rank_linger_s)
 
 
 def start_attempt(spec: RunSpec, journal: Journal, plan: Plan, now: float) -> AttemptRecord:

@@ -5,7 +5,8 @@ HF writes a checkpoint file by file, ``trainer_state.json`` last, nothing atomic
 that looks like a checkpoint. We check it before trusting it: the expected files present,
 ``trainer_state.json`` parses and names the same step, safetensors headers read and the
 file is as long as they say, torch's zip files (``optimizer.pt`` …) end in a central directory and
-every member matches its CRC.
+every member matches its CRC. Sharded checkpoints (FSDP's DCP folders, DeepSpeed's ``global_step<N>``)
+are checked shard by shard (:mod:`oomguard.supervisor.sharded`).
 
 Checkpoints written after a NaN are quarantined: moved to ``<checkpoints>/quarantine/``
 (out of reach of a resume and of HF's ``save_total_limit`` rotation), named in the journal.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..protocol import CKPT_TRAINER_STATE, CKPT_TRAINING_ARGS, read_error_records
+from .sharded import find_layout, sharded_problems
 
 __all__ = ["ADAPTER_CONFIG", "CheckpointScan", "MTIME_SLACK_S", "QUARANTINE_DIR", "Quarantined", "TORCH_FILES",
            "TRAINING_STATE_FILES", "WEIGHT_FILES", "checkpoint_step", "inspect_checkpoint", "move_aside",
@@ -148,14 +150,19 @@ def inspect_checkpoint(path: Path) -> CheckpointScan:
     except (OSError, ValueError) as exc:
         problems.append(f"trainer_state.json missing or unreadable ({exc.__class__.__name__})")
     weights = [path / n for n in WEIGHT_FILES if (path / n).exists()]
-    if not weights:
-        problems.append(f"no weights file (looked for {', '.join(WEIGHT_FILES)})")
+    layout = find_layout(path)
+    if not weights and not (layout and layout.holds_weights):
+        problems.append(f"no weights file (looked for {', '.join(WEIGHT_FILES)}, and FSDP/DeepSpeed shard folders)")
     problems.extend(_file_problems(path, weights))
+    if layout is not None:
+        problems.extend(sharded_problems(layout, path, torch_file_problem))
     if any(w.name.startswith("adapter_model") for w in weights) and not (path / ADAPTER_CONFIG).is_file():
         # a warning, not a problem: PEFT needs it to load, but a hand-made checkpoint may carry the
         # config elsewhere (and the supervisor's fake child writes none)
         warnings.append(f"{ADAPTER_CONFIG} missing beside the adapter weights: PEFT cannot load it from here")
     for name in TRAINING_STATE_FILES:
+        if name == "optimizer.pt" and layout is not None:
+            continue  # the optimizer state is in the shard folders (optimizer_0/, global_step<N>/)
         if not (path / name).exists():
             warnings.append(f"{name} missing: the optimizer/LR schedule restarts from scratch")
         elif (path / name).stat().st_size == 0:

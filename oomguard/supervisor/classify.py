@@ -149,7 +149,10 @@ def classify_outcome(outcome: ChildOutcome, records: Sequence[ErrorRecord], *, h
     root = root_record(records)
     if root is not None and not peer_lost(root):  # before the hang check: a child that wrote its record
         # and then went quiet (emergency save, torch teardown) was already dying of what the record says
-        return _disk_full(_from_record(root), root.traceback)
+        failure = _disk_full(_from_record(root), root.traceback)
+        if outcome.lingered:  # peers blocked in a collective were stopped by the supervisor: said once, here
+            failure = dataclasses.replace(failure, detail=f"{failure.detail}\n[oomguard: {outcome.lingered}]")
+        return failure
     if outcome.hung:
         return Failure(kind=FailureKind.HANG, step=last_step, phase=Phase.UNKNOWN,
                        detail="no heartbeat within hang_timeout_s; the process group was killed"

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import psutil
 
-from ..protocol import ENV_RUN_DIR, STDERR_LOG, STDOUT_LOG
+from ..protocol import ENV_ERROR_FILE, ENV_RUN_DIR, STDERR_LOG, STDOUT_LOG, read_error_records
 from .console import TracebackCondenser, divert_gone_output, note_child_output, say, tolerate_gone_output
 from .console import divert as _divert
 from .progress import HeartbeatClock
@@ -32,6 +32,12 @@ __all__ = ["SCHEDULER_SIGNALS", "STOP_SIGNALS", "StopFlag", "handle_stop_signals
            "tolerate_gone_output", "start_spare"]
 
 POLL_S = 0.2
+# A rank that wrote its error record is on its way out, and its launcher takes the other ranks down
+# within seconds; a rank blocked in a collective for a dead peer (NCCL and gloo wait up to their
+# timeout, 10-30 min by default, and a Python SIGTERM handler cannot run inside the wait) does not.
+# ``Watch.linger_s`` (limits.failed_rank_linger_s) after the first record, whatever of the attempt still
+# runs is stopped.
+LINGER_GRACE_S = 5.0  # SIGTERM -> SIGKILL then: the attempt has failed, only a peer's own save is left
 TAIL_LINES = 200
 TAIL_BYTES = 256 * 1024  # of stderr read back for classification
 HOST_MEM_WINDOW_S = 10.0  # seconds of host-memory history kept to judge a SIGKILL
@@ -97,6 +103,7 @@ class Watch:
     echo: bool = True  # the child's output on our terminal (``-q``: only in the logs)
     condense: bool = True  # its tracebacks as three lines of ours (``-v``: whole)
     spares: "Spares | None" = None  # the run's warm-spare keeper (supervisor/spare.py); None: always cold
+    linger_s: float = 15.0  # after a rank's error record, the rest of the attempt is stopped this much later
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +118,7 @@ class ChildOutcome:
     pids: frozenset[int]  # every pid seen in the child's tree (for GPU-release checks)
     heartbeat_ages: dict[int, float] = dataclasses.field(default_factory=dict)  # rank -> s, when hung
     strays: tuple[int, ...] = ()  # pids of this run stopped after the attempt (daemonized grandchildren)
+    lingered: str | None = None  # what was said when ranks outlived a rank's error record by linger_s (stopped)
 
 
 def _set_parent_death_signal() -> None:
@@ -347,6 +355,9 @@ class _Watching:
     mem: collections.deque = dataclasses.field(default_factory=collections.deque)
     hung: dict[int, float] | None = None
     interrupted: int | None = None
+    error_file: Path | None = None  # this attempt's error record (every rank's sits beside it)
+    failed_at: float | None = None  # the wall time of the first rank's error record
+    lingered: str | None = None
 
 
 def _poll_once(popen: subprocess.Popen, tree: ProcessTree, watch: Watch, stop: StopFlag, beats: HeartbeatClock,
@@ -363,8 +374,32 @@ def _poll_once(popen: subprocess.Popen, tree: ProcessTree, watch: Watch, stop: S
     elif (stale := _stale_heartbeat(watch, beats)) is not None:
         seen.hung = stale
         _terminate(popen, tree, signal.SIGTERM, _hang_grace(watch), stop)
+    elif (lingering := _lingering_after_failure(seen, watch.linger_s, set(beats.moved))) is not None:
+        seen.lingered = lingering
+        say(lingering)
+        _terminate(popen, tree, signal.SIGTERM, min(LINGER_GRACE_S, watch.grace_s), stop)
     elif on_tick is not None:
         on_tick()
+
+
+def _lingering_after_failure(seen: _Watching, linger_s: float, beating: set[int],
+                             now: float | None = None) -> str | None:
+    """What to say when a group of several ranks still runs ``linger_s`` after one wrote its error
+    record, else None. A single process that recorded its failure is left to end by itself: it has no
+    peer to wait for, and its own exit may be slow for a reason (a tracker uploading at exit)."""
+    if seen.error_file is None or seen.lingered is not None:
+        return None
+    if seen.failed_at is None:
+        records = read_error_records(seen.error_file)
+        if not records or not (len(beating) > 1 or any(r.rank > 0 for r in records)):
+            return None
+        seen.failed_at = records[0].time
+    waited = (time.time() if now is None else now) - seen.failed_at
+    if waited < linger_s:
+        return None
+    first = read_error_records(seen.error_file)[0]
+    return (f"rank {first.rank} recorded {first.kind.value} and the attempt had not ended {linger_s:g} s later "
+            "(a rank blocked in a collective for it waits out its timeout): stopped what was left of it")
 
 
 def _beat_moved(beats: HeartbeatClock) -> bool:
@@ -398,6 +433,7 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], attempt_dir: Path, wa
     if on_start is not None:
         on_start(popen.pid)
     tree, seen = ProcessTree(popen.pid), _Watching()
+    seen.error_file = Path(env[ENV_ERROR_FILE]) if env.get(ENV_ERROR_FILE) else None
     while popen.poll() is None:
         _poll_once(popen, tree, watch, stop, beats, seen, on_tick)
         if watch.spares is not None:  # the next attempt's spare, once this one trains
@@ -426,5 +462,5 @@ def _outcome(rc: int, seen: _Watching, t0: float, tail: str, tree: ProcessTree,
         exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, hung=seen.hung is not None,
         interrupted_by=seen.interrupted, duration_s=time.monotonic() - t0,
         host_mem_peak_percent=max((p for _, p in seen.mem), default=0.0),
-        stderr_tail=tail, pids=tree.pids, strays=strays,
+        stderr_tail=tail, pids=tree.pids, strays=strays, lingered=seen.lingered,
         heartbeat_ages={r: round(a, 1) for r, a in (seen.hung or {}).items()})
