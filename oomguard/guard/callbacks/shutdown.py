@@ -12,6 +12,15 @@ does not: a supervisor that finds an orphan still saving sends one more and wait
 
 A grandchild of a launcher (torchrun, accelerate) gets no PDEATHSIG from the supervisor, so
 the supervisor's pid (``OOMGUARD_SUPERVISOR_PID``) is also checked, at most once a second.
+
+Several ranks stop at one step end (:class:`StopAgreement`): a sharded save (FSDP, DeepSpeed) is a
+collective every rank must enter at the same step, and under DDP too each rank writes its own
+``rng_state_<rank>.pth`` into the checkpoint. The signal reaches the ranks at different moments (a
+scheduler's, a user's ``kill`` of one rank), so the first rank to be asked proposes "the end of the next
+step" in the group's c10d store (the one torchrun already runs; no collective on the device) and every
+rank stops there. One step later is the earliest step no rank can have passed: the ranks run each step
+in lockstep (its gradient collectives), so none can end step s+1 while another is still before the
+end of step s.
 """
 
 from __future__ import annotations
@@ -42,11 +51,64 @@ def _supervisor_pid() -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
+class StopAgreement:
+    """One stop step for every rank of a ``torch.distributed`` group, agreed in its c10d store.
+
+    ``store``: the group's store (None: found at the first use, from the default process group; still
+    None for a single process, where a stop is this process's alone)."""
+
+    KEY = "oomguard/stop_at"
+
+    def __init__(self, store=None):
+        self._store, self._looked = store, store is not None
+
+    @property
+    def store(self):
+        if not self._looked:
+            self._looked = True
+            self._store = _default_store()
+        return self._store
+
+    def propose(self, step: int, signum: int) -> tuple[int, int]:
+        """Ask every rank to stop at the end of ``step + 1``; the first proposal in the group wins.
+        Returns the agreed ``(step, signum)``."""
+        value = self.store.compare_set(self.KEY, "", f"{step + 1} {signum}")
+        return _parse(value)
+
+    def agreed(self) -> tuple[int, int] | None:
+        """The agreed ``(step, signum)`` once a rank proposed one, else None (one store round trip)."""
+        if not self.store.check([self.KEY]):
+            return None
+        return _parse(self.store.get(self.KEY))
+
+
+def _parse(value: bytes | str) -> tuple[int, int]:
+    step, signum = (value.decode() if isinstance(value, bytes) else value).split()
+    return int(step), int(signum)
+
+
+def _default_store():
+    """The default process group's c10d store when several ranks train, else None."""
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        from torch.distributed.distributed_c10d import _get_default_store  # stable since torch 1.8
+
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError, AttributeError):
+        return None
+
+
 class ShutdownCallback(TrainerCallback):
     """Turns a stop signal (or a dead supervisor) into save-then-exit at the next step end."""
 
-    def __init__(self, run_dir: str | Path | None = None, *, rank: int = 0, supervisor_pid: int | None = None):
+    def __init__(self, run_dir: str | Path | None = None, *, rank: int = 0, supervisor_pid: int | None = None,
+                 agreement: StopAgreement | None = None):
         self.journal = EventWriter(run_dir, rank)
+        self.rank = rank
+        self.agreement = agreement or StopAgreement()
         self.supervisor_pid = supervisor_pid if supervisor_pid is not None else _supervisor_pid()
         self.signum: int | None = None
         self.reason = ""
@@ -89,11 +151,25 @@ class ShutdownCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not self.requested and self._supervisor_gone():
             self.request(signal.SIGTERM, f"supervisor pid {self.supervisor_pid} is gone")
-        if self.requested:
+        if self._stop_now(state.global_step):
             control.should_save = True
             control.should_training_stop = True
             self.journal.emit("shutdown_requested", step=state.global_step, reason=self.reason)
         return control
+
+    def _stop_now(self, step: int) -> bool:
+        """Whether to save and stop at the end of ``step``: at once for a single process; for several
+        ranks, at the step the group agreed (this rank proposes one when it was asked first)."""
+        if self.agreement.store is None:
+            return self.requested
+        agreed = self.agreement.agreed()
+        if agreed is None and self.requested:
+            agreed = self.agreement.propose(step, int(self.signum))
+        if agreed is None or step < agreed[0]:
+            return False
+        if not self.requested:
+            self.request(agreed[1], f"the group agreed to stop at step {agreed[0]} (another rank was asked to stop)")
+        return True
 
     def on_train_end(self, args, state, control, **kwargs):
         for s, previous in self._previous.items():
