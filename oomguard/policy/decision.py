@@ -92,7 +92,7 @@ def _context(policy: Policy, ev: Evidence) -> _Context:
     aside = _set_aside(ev)
     gone = {s.path for s in aside}
     bf16_ok = policy.capabilities.bf16 if ev.device.bf16 is None else ev.device.bf16
-    choice = RungChoice(policy, ev.attempts, knobs, ev.profile, bf16_ok, ev.device.fp16, ev.reach)
+    choice = RungChoice(policy, ev.attempts, knobs, ev.profile, bf16_ok, ev.device.fp16, ev.reach, held=ev.held)
     return _Context(policy, ev, failure, knobs, describe_cause(failure, policy.limits), aside,
                     [c for c in ev.usable if c.path not in gone], choice)
 

@@ -8,7 +8,7 @@ Nothing here touches a file, a clock or a process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from oomguard.protocol import ErrorRecord, ResumeMode
@@ -100,7 +100,8 @@ class Evidence:
     complete or not (another run's are not evidence); ``ranks``: every rank's error record of the
     last attempt, root cause first; ``profile``: the training set's lengths; ``observed``: the recipe
     the child reported in force (``recipe_observed``); ``reach``: knob -> how a change reaches the
-    child (None: every knob); ``elapsed_s``: wall clock since the run started."""
+    child (None: every knob); ``held``: knob -> why no change of it can land now, whatever the command
+takes (a LoRA rank cut on a sharded checkpoint); ``elapsed_s``: wall clock since the run started."""
 
     attempts: Sequence[AttemptView]
     checkpoints: Sequence[CheckpointInfo] = ()
@@ -109,6 +110,7 @@ class Evidence:
     observed: Mapping[str, Any] | None = None
     device: DeviceCapabilities = DeviceCapabilities()
     reach: Mapping[str, str] | None = None
+    held: Mapping[str, str] = field(default_factory=dict)
     elapsed_s: float = 0.0
     world_size: int = 1
 

@@ -43,6 +43,7 @@ class RungChoice:
     fp16_ok: bool = True
     reach: Mapping[str, str] | None = None  # knob -> how it reaches the child; None: unrestricted
     skipped: list[str] = field(default_factory=list)
+    held: Mapping[str, str] = field(default_factory=dict)  # knob -> why no change of it can land now
 
 
 def pick_rung(choice: RungChoice, chain: Sequence[FailureKind]) -> Pick | None:
@@ -74,6 +75,8 @@ def _cannot_take(choice: RungChoice, rung: Rung) -> str | None:
     """Why the child cannot take ``rung`` (Trust rule 2: a rung only on a knob the child can
     take, a precision only one the device has), or None."""
     for knob in needs(rung.knob, rung.op.value):
+        if knob in choice.held:
+            return choice.held[knob]
         if knob not in choice.knobs:
             return f"the child's recipe has no {knob} oomguard could observe"
         if choice.reach is not None and knob not in choice.reach:

@@ -22,7 +22,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ROOT, run_py
 
 BIG, SMALL, STEPS = 8, 4, 6
