@@ -105,6 +105,17 @@ def test_oom_on_rank_1_stops_both_ranks_and_resumes_both_with_the_new_knobs(tmp_
     # per-rank files: heartbeats and the sample ledger
     assert {"heartbeat", "heartbeat.rank1"} <= {p.name for p in run_dir.iterdir()}
     assert {"rank0.jsonl", "rank1.jsonl"} <= {p.name for p in (run_dir / "ledger").iterdir()}
+    # each rank's ledger holds the rows that rank trained: accelerate deals the sampler's batches to the
+    # ranks in turn, so a step's rows on rank 0 and rank 1 are disjoint halves of its global batch, and
+    # steps 1-6 trained the epoch order's first 48 rows once each (attempt 2 at batch 2 x 2 included)
+    from oomguard.guard.resume.ledger import order_file, read_ledger, read_orders
+
+    ledgers = [read_ledger(run_dir / "ledger" / f"rank{r}.jsonl") for r in (0, 1)]
+    assert [e.step for e in ledgers[0]] == [e.step for e in ledgers[1]] == list(range(1, 7))
+    for a, b in zip(*ledgers):
+        assert len(a.samples) == len(b.samples) == 4 and not set(a.samples) & set(b.samples), (a, b)
+    order = read_orders(order_file(run_dir, 0))[0]
+    assert sorted(i for rank in ledgers for e in rank for i in e.samples) == sorted(order[:48])
 
 
 def test_a_hung_rank_takes_every_rank_down_with_it(tmp_path):

@@ -14,6 +14,11 @@ the indices it hands out, in order; every micro-batch the trainer consumes takes
 is the consumption order. On a resume HF skips batches of the new sampler stream by drawing
 them; the callback starts its pointer past those.
 
+Several ranks (torchrun, accelerate): every rank draws the whole sampler order, and accelerate's
+``BatchSamplerShard`` deals its batches to the ranks in turn (or slices each, with ``split_batches``).
+The stream is then what the shard deals to *this* rank, recorded at the shard; the sampler's full
+order still goes to the orders file. Each rank's ledger holds the rows that rank trained.
+
 Each epoch's full sampler order is kept too, in ``rank<k>.orders.jsonl`` (one line per epoch and
 attempt), so a resume whose effective batch changed can continue at the exact next sample of the
 interrupted epoch (:mod:`oomguard.guard.resume.position` sets :attr:`SampleLedgerCallback.resume_order`).
@@ -150,6 +155,9 @@ class _RecordingSampler:
         else:
             order = [int(i) for i in self._inner]  # an epoch's order is drawn up front by torch's samplers
             ledger.record_order(epoch, order)
+        if ledger.sharded:  # the stream is what the shard deals to this rank (_record_dealt)
+            yield from order
+            return
         ledger.pass_ends.append(len(ledger.stream) + len(order))
         for i in order:
             ledger.stream.append(i)
@@ -191,6 +199,8 @@ class SampleLedgerCallback(TrainerCallback):
         self.first_epoch = 0  # the epoch of this attempt's first sampler pass
         self.resume_epoch: int | None = None  # set with resume_order: the epoch it continues
         self.resume_order: list[int] | None = None  # yielded instead of the sampler's first pass
+        self.sharded = False  # accelerate deals batches to several ranks: the stream is this rank's share
+        self.batch_ends: list[int] = []  # sharded: offset in the stream after each batch dealt to this rank
 
     def begin_epoch(self) -> int:
         """The epoch of a new sampler pass (the first pass is ``first_epoch``, each next one +1)."""
@@ -209,6 +219,9 @@ class SampleLedgerCallback(TrainerCallback):
     def rows_in_batch(self, batch_size: int) -> int:
         """Rows of the next micro-batch when its tensors cannot tell (padding-free packing concatenates
         the rows into one sequence): a full batch, or the rest of the sampler pass (its last batch)."""
+        if self.sharded:  # the batch this rank was dealt next says it
+            end = next((e for e in self.batch_ends if e > self.pointer), self.pointer + batch_size)
+            return end - self.pointer
         end = next((e for e in self.pass_ends if e > self.pointer), self.pointer + batch_size)
         return min(batch_size, end - self.pointer)
 
@@ -253,6 +266,10 @@ def install_ledger(trainer, run_dir: str | Path, *, rank: int = 0, attempt: int 
         if holder is None:
             raise RuntimeError(f"oomguard ledger: cannot find the sampler of {type(loader).__name__}; "
                                "set OOMGUARD ledger off or use a map-style dataset with a sampler")
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not holder and getattr(shard, "num_processes", 1) > 1:
+            ledger.sharded = True
+            _record_dealt(shard, ledger)
         if not isinstance(holder.sampler, _RecordingSampler):
             holder.sampler = _RecordingSampler(holder.sampler, ledger)
         return loader
@@ -276,6 +293,28 @@ _ledgers: "weakref.WeakKeyDictionary[Any, SampleLedgerCallback]" = weakref.WeakK
 def ledger_of(trainer) -> SampleLedgerCallback | None:
     """The ledger :func:`install_ledger` put on ``trainer``, or None."""
     return _ledgers.get(trainer)
+
+
+_RECORDING_SHARDS: dict[type, type] = {}
+
+
+def _record_dealt(shard, ledger: SampleLedgerCallback) -> None:
+    """Make accelerate's ``BatchSamplerShard`` (or any batch sampler that deals to ranks) append each
+    batch it yields to this rank to the ledger's stream. Its class becomes a recording subclass (the
+    DataLoader forbids replacing its batch sampler); everything else it does is unchanged."""
+    base = type(shard)
+    if base not in _RECORDING_SHARDS.values():
+        if base not in _RECORDING_SHARDS:
+            def __iter__(self):
+                for batch in base.__iter__(self):
+                    recorder = self._oomguard_ledger
+                    recorder.stream.extend(int(i) for i in batch)
+                    recorder.batch_ends.append(len(recorder.stream))
+                    yield batch
+
+            _RECORDING_SHARDS[base] = type(f"Recording{base.__name__}", (base,), {"__iter__": __iter__})
+        shard.__class__ = _RECORDING_SHARDS[base]
+    shard._oomguard_ledger = ledger
 
 
 def _sampler_holder(loader):

@@ -55,7 +55,7 @@ class PositionPlan:
     epoch: int  # the epoch it stopped in (the ledger's)
     old: Batch
     new: Batch
-    seen_total: int  # samples consumed by steps ≤ step, this rank
+    seen_total: int  # samples consumed by steps ≤ step (every rank's, when several share the sampler)
     seen_in_epoch: int
     remaining: tuple[int, ...]  # the epoch's unseen rows, in its order
     max_steps: tuple[int, int] | None  # (before, after) when the run is bounded by max_steps
@@ -148,8 +148,12 @@ def apply_position(trainer, ledger, checkpoint: Path, run_dir: Path, rank: int, 
     if old is None or old.effective == new.effective or not hasattr(trainer.train_dataset, "__len__"):
         return None  # unchanged: HF's own skip is exact (checked by test_resume_samples)
     step = checkpoint_step(checkpoint)
+    # several ranks: the rows seen are every rank's (each ledger holds its own share of each step), and
+    # the rest of the epoch, the same on every rank, is dealt to them again by the sampler's shard
+    ranks = range(max(int(getattr(args, "world_size", 1) or 1), 1)) if ledger.sharded else (rank,)
     try:
-        plan = plan_position(read_ledger(ledger_file(run_dir, rank)), read_orders(order_file(run_dir, rank)),
+        plan = plan_position([e for r in ranks for e in read_ledger(ledger_file(run_dir, r))],
+                             read_orders(order_file(run_dir, rank)),
                              step=step, old=old, new=new, max_steps=int(args.max_steps),
                              dataset_rows=len(trainer.train_dataset))
     except PositionUnknown as exc:
