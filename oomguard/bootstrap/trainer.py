@@ -181,7 +181,13 @@ def guarded(ctx: "Context", trainer: Any, original_train, args: tuple, kwargs: d
         return original_train(trainer, resume, *rest, **kwargs)
 
     def call(resume_from_checkpoint=None):
-        return original_train(trainer, resume_from_checkpoint, *rest, **kwargs)
+        try:
+            return original_train(trainer, resume_from_checkpoint, *rest, **kwargs)
+        except Exception as exc:  # the failed step's rows, for the culprit evidence (issue 19); then as before
+            from oomguard.guard.culprit import record_failure
+
+            record_failure(trainer, exc)
+            raise
 
     # False, not None: guarded_train reads None as "the supervisor's checkpoint"
     return guarded_train(trainer, env=ctx.env, resume_from_checkpoint=False if resume is None else resume,

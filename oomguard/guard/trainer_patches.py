@@ -22,8 +22,9 @@ import re
 from typing import Any, Callable, Iterator
 
 __all__ = ["FLOOR", "INNER_TRAINING_LOOP", "INTERNALS", "Internal", "SAVE_CHECKPOINT", "TESTED_RANGE", "Use",
-           "allow_numpy_rng_state", "inf_norms", "keep_args_batch_size", "keep_train_sampler_over",
-           "keep_trainable_dtypes", "load_optimizer_on_cpu", "minor_version", "missing", "missing_loaded",
+           "allow_numpy_rng_state", "gradient_accumulation_divisor", "inf_norms", "keep_args_batch_size",
+           "keep_train_sampler_over", "keep_trainable_dtypes", "loss_scaled_for_ga", "load_optimizer_on_cpu",
+           "minor_version", "missing", "missing_loaded",
            "pack_dataset", "prepare_sft_dataset", "save_checkpoint", "train_batch_size", "wrap_instance_method"]
 
 # The range the test suite exercises every internal below in (CI: the current stack and an older pinned one,
@@ -76,6 +77,11 @@ INTERNALS: tuple[Internal, ...] = (
              "after a packed re-index the sampler stays over the re-packed rows only"),
     Internal(_T, "_train_batch_size", Use.READS, None, "guard.resume.ledger",
              "rows of a micro-batch whose tensors cannot tell (padding-free packing)"),
+    Internal(_T, "model_accepts_loss_kwargs", Use.READS, None, "guard.culprit",
+             "a split culprit step copies training_step's rule: is the loss normalised by num_items_in_batch"),
+    Internal(_T, "current_gradient_accumulation_steps", Use.WRAPS, None, "guard.culprit",
+             "a split culprit step with a mean loss: each chunk's divisor set to GA / its share of label tokens, "
+             "restored after the chunk (the step's gradient unchanged)"),
     Internal(_T, "_inner_training_loop", Use.NAMES, ("self", "batch_size", "args", "resume_from_checkpoint"),
              "guard.callbacks.in_force", "the Trainer class, found from a callback by its frame"),
     Internal(_T, "_inner_training_loop", Use.WRAPS, ("self", "batch_size"), "guard.resume.prepare",
@@ -178,6 +184,27 @@ def wrap_instance_method(obj: Any, name: str, around: Callable[..., Any]) -> Non
 def save_checkpoint(trainer: Any) -> None:
     """HF's own checkpoint save (``checkpoint-<global_step>`` in ``output_dir``), outside its save schedule."""
     trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def loss_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
+    """``training_step``'s own rule: True when the loss comes back normalised by ``num_items_in_batch``
+    (not divided by the gradient accumulation steps afterwards)."""
+    fixed = getattr(trainer, "loss_is_scaled_for_ga", None)  # transformers >= 5.x: a subclass may say
+    if fixed is not None:
+        return bool(fixed)
+    return bool((getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                or getattr(trainer, "compute_loss_func", None) is not None)
+
+
+@contextlib.contextmanager
+def gradient_accumulation_divisor(trainer: Any, divisor: float) -> Iterator[None]:
+    """``training_step`` divides an unnormalised loss by ``divisor`` inside the block."""
+    before = trainer.current_gradient_accumulation_steps
+    trainer.current_gradient_accumulation_steps = divisor
+    try:
+        yield
+    finally:
+        trainer.current_gradient_accumulation_steps = before
 
 
 def train_batch_size(trainer: Any) -> int:

@@ -15,11 +15,13 @@ from pathlib import PurePath
 from typing import Any, Callable, Mapping, Sequence
 
 from oomguard.knobs import effective_batch
+from oomguard.policy.culprit import carried_order, judge_nan, judge_oom, same_grouping
 from oomguard.policy.ladder import ladder_chain, lr_adjustment, truncation_share
 from oomguard.policy.narrative import describe_cause, describe_changes, describe_checkpoint, describe_knobs
 from oomguard.policy.records import (
     AttemptView,
     CheckpointInfo,
+    CulpritOrder,
     DataProfile,
     Decision,
     DecisionAction,
@@ -84,7 +86,17 @@ def decide(policy: Policy, evidence: Evidence | Sequence[AttemptView],
     rewarm = _rewarm_steps(ctx, decision)
     reason = decision.reason + (f"; re-entering warm-up over {rewarm} optimizer steps" if rewarm else "")
     return dataclasses.replace(decision, quarantine=ctx.aside, resume_mode=_resume_mode(ctx, decision),
-                               rewarm_steps=rewarm, reason=reason)
+                               rewarm_steps=rewarm, reason=reason, culprit=_culprit_order(ctx, decision))
+
+
+def _culprit_order(ctx: _Context, decision: Decision) -> CulpritOrder | None:
+    """The run's split steps and quarantined rows from the next attempt on: this decision's, else the last
+    attempt's carried over (a split only while the knobs stay)."""
+    if decision.action is not DecisionAction.RETRY:
+        return decision.culprit
+    if decision.culprit is not None:
+        return decision.culprit
+    return carried_order(ctx.attempts[-1].culprit, same_knobs=same_grouping(decision.knobs, ctx.knobs))
 
 
 def _context(policy: Policy, ev: Evidence) -> _Context:
@@ -171,6 +183,11 @@ def _on_oom(ctx: _Context, kind: FailureKind | None = None) -> Decision:
     leak = _leak_note(ctx) if kind is None and ctx.failure.kind is FailureKind.CUDA_OOM else None
     if leak is not None:
         return _retry(ctx, None, _newest(ctx.checkpoints), note=leak)
+    if kind is None and ctx.failure.kind is FailureKind.CUDA_OOM and ctx.policy.limits.split_culprits:
+        verdict = judge_oom(ctx.attempts, ctx.evidence.profile, max_split_steps=ctx.policy.limits.max_split_steps)
+        if verdict.culprit:
+            return _split(ctx, verdict)
+        ctx.cause += f" ({verdict.why})" if ctx.attempts[-1].in_flight is not None else ""
     chain = ladder_chain(ctx.policy, kind or ctx.failure.kind)
     pick = pick_rung(ctx.choice, chain)
     if pick is None:
@@ -180,6 +197,30 @@ def _on_oom(ctx: _Context, kind: FailureKind | None = None) -> Decision:
                         f"(now {describe_knobs(ctx.knobs)}); giving up (use a GPU with more memory, "
                         "a smaller model, or lower the floors in the policy)")
     return _retry(ctx, pick, _newest(ctx.checkpoints))
+
+
+def _split(ctx: _Context, verdict) -> Decision:
+    """The culprit step trained as smaller micro-batches, same knobs, from the newest checkpoint."""
+    order = carried_order(ctx.attempts[-1].culprit, same_knobs=True, split=(verdict.step, verdict.factor))
+    note = (f"{verdict.why}: the batch is the culprit, not the recipe; resuming with the same knobs and training "
+            f"only step {verdict.step} as {verdict.factor} smaller micro-batches per micro-batch (same rows, "
+            "same effective batch, same loss normalisation)")
+    return dataclasses.replace(_retry(ctx, None, _newest(ctx.checkpoints), note=note), culprit=order)
+
+
+def _quarantine(ctx: _Context, verdict, ckpt: CheckpointInfo | None) -> Decision:
+    """The culprit rows never trained again (recorded as skipped), same knobs; bounded by the policy."""
+    before = ctx.attempts[-1].culprit
+    order = carried_order(before, same_knobs=True, quarantine=verdict.rows)
+    total, limit = len(order.quarantine) if order else 0, ctx.policy.limits.max_quarantined_rows
+    if total > limit:
+        return _give_up(ctx, GiveUpReason.QUARANTINE_LIMIT,
+                        f"{verdict.why}, but quarantining them would skip {total} rows, more than "
+                        f"limits.max_quarantined_rows {limit}; giving up (inspect the rows listed in the report, "
+                        "fix the data, or raise the limit)")
+    note = (f"{verdict.why}: quarantining rows {list(verdict.rows)} (never trained again, recorded as skipped; "
+            f"{total} of at most {limit} so far) and retrying with the same knobs")
+    return dataclasses.replace(_retry(ctx, None, ckpt, note=note), culprit=order)
 
 
 def _leak_note(ctx: _Context) -> str | None:
@@ -228,6 +269,9 @@ def _on_nan(ctx: _Context) -> Decision:
     step = ctx.failure.step
     clean = sorted((c for c in ctx.checkpoints if step is not None and c.step <= step),
                    key=lambda c: c.step, reverse=True)
+    verdict = judge_nan(ctx.attempts)
+    if verdict.culprit:  # the rows, not the weights: no walk further back, no rung
+        return _quarantine(ctx, verdict, clean[0] if clean else None)
     # A loss can stay finite for a few steps after the weights were already ruined (a huge
     # update, then overflow later): when NaN comes back right after a rollback, go back
     # further each time (1st, 2nd, 4th, 8th newest clean checkpoint, then from scratch).

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from oomguard.protocol import ErrorRecord, ResumeMode
 from oomguard.protocol.run_record import (
+    CulpritOrder,
     Decision,
     DecisionAction,
     Failure,
@@ -24,9 +25,39 @@ from oomguard.protocol.run_record import (
     SetAsideReason,
 )
 
-__all__ = ["AttemptView", "CheckpointInfo", "DataProfile", "Decision", "DecisionAction", "DeviceCapabilities",
+__all__ = ["AttemptView", "CheckpointInfo", "CulpritOrder", "DataProfile", "InFlight", "InFlightBatch", "Decision",
+           "DecisionAction", "DeviceCapabilities",
            "Evidence", "Failure", "GiveUpReason", "KnobChange", "ResumeClass", "ResumeMode", "RungRef", "SetAside",
            "SetAsideReason"]
+
+
+@dataclass(frozen=True)
+class InFlightBatch:
+    """One micro-batch of the step an attempt failed in: its training-set rows, its tokens
+    (``input_ids.numel()``: rows x padded length) and whether its loss was finite (None: it never finished,
+    the one that ran out of memory)."""
+
+    rows: tuple[int, ...]
+    tokens: int
+    finite: bool | None = None
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """The optimizer step an attempt failed in, as the child recorded it (``ledger/rank<k>.inflight.jsonl``):
+    ``step`` the step being trained (1-based: the last completed one + 1), ``kind`` oom | nan | other,
+    ``factor`` the split factor it ran at (1: whole), ``unsplittable`` why its micro-batches could not be
+    split (None: they could, or no split was asked)."""
+
+    step: int
+    kind: str
+    micro_batches: tuple[InFlightBatch, ...]
+    factor: int = 1
+    unsplittable: str | None = None
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return tuple(r for m in self.micro_batches for r in m.rows)
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,9 @@ class AttemptView:
     max_step: int | None
     resumed_step: int | None = None
     resumed_from: str | None = None  # the checkpoint it resumed from (None: a fresh start)
+    culprit: CulpritOrder | None = None  # the split steps / quarantined rows it ran under (issue 19)
+    in_flight: InFlight | None = None  # the step it failed in, as the child recorded it
+    fitted_tokens: tuple[int, ...] = ()  # tokens trained at once by each micro-batch of its completed steps
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,15 @@ class Limits(_Strict):
     gpu_release_timeout_s: Annotated[Number, Field(ge=0)] = 120
     host_oom_percent: Annotated[Number, Field(gt=0, le=100)] = 90  # % host memory in use
     nan_skip_steps: Annotated[StrictInt, Field(ge=0)] = 0
+    # issue 19: rows a recurring NaN may quarantine (never trained, listed in the report) before the run
+    # gives up (quarantine_limit); 0: never quarantine, give up instead
+    max_quarantined_rows: Annotated[StrictInt, Field(ge=0)] = 64
+    # issue 19: a CUDA OOM on one oversized batch trains that step as smaller micro-batches (same rows, same
+    # knobs) instead of degrading the run; false: every CUDA OOM goes to the cuda_oom ladder (as before)
+    split_culprits: StrictBool = True
+    # at most this many optimizer steps split at the same knobs: past it the batches, not a rare one, are too big
+    # and the cuda_oom ladder applies
+    max_split_steps: Annotated[StrictInt, Field(ge=1)] = 8
     # s the rest of an attempt may run after one rank wrote its error record, before the supervisor
     # stops it: a rank blocked in a collective for a dead peer otherwise waits out NCCL's timeout
     failed_rank_linger_s: Annotated[Number, Field(gt=0)] = 15

@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["ENV_RUN_DIR", "ENV_ATTEMPT", "ENV_ERROR_FILE", "ENV_KNOBS", "ENV_RESUME_FROM", "ENV_VRAM_LIMIT",
            "ENV_INJECT", "ENV_CHECKPOINT_DIR", "ENV_SUPERVISOR_PID", "ENV_BOOTSTRAP", "ENV_BOOTSTRAP_SKIP",
            "ENV_DELIVERED", "ENV_OBSERVE", "ENV_RESUME_MODE", "ENV_NAN_SKIP_STEPS", "ENV_REWARM_STEPS",
-           "ENV_STRICT_EVENTS", "ResumeMode", "parse_orders"]
+           "ENV_STRICT_EVENTS", "ENV_CULPRIT", "ResumeMode", "parse_orders"]
 
 ENV_RUN_DIR = "OOMGUARD_RUN_DIR"
 ENV_ATTEMPT = "OOMGUARD_ATTEMPT"
@@ -31,6 +31,9 @@ ENV_OBSERVE = "OOMGUARD_OBSERVE"  # comma list of policy-declared knob names the
 ENV_RESUME_MODE = "OOMGUARD_RESUME_MODE"  # a ResumeMode value, decided by policy.decide(); "" = normal
 ENV_NAN_SKIP_STEPS = "OOMGUARD_NAN_SKIP_STEPS"  # the policy's limits.nan_skip_steps: non-finite updates skipped
 ENV_REWARM_STEPS = "OOMGUARD_REWARM_STEPS"  # this attempt re-enters warm-up over N optimizer steps (NaN rollback)
+# issue 19: JSON {"split": {"<optimizer step>": factor}, "quarantine": [row, ...]} (run_record.CulpritOrder):
+# the culprit steps the child trains as smaller micro-batches and the rows it never trains; "" = none
+ENV_CULPRIT = "OOMGUARD_CULPRIT"
 # "1": emit_event raises ValueError on an event the catalogue (protocol.events) does not allow (tests)
 ENV_STRICT_EVENTS = "OOMGUARD_STRICT_EVENTS"
 

@@ -93,6 +93,10 @@ class Event(str, enum.Enum):
     PACKED_POSITION_REINDEXED = "packed_position_reindexed"
     LR_NOTE = "lr_note"
     REWARM = "rewarm"
+    # child: culprit batches (issue 19)
+    CULPRIT_SPLIT = "culprit_split"
+    CULPRIT_UNSPLITTABLE = "culprit_unsplittable"
+    ROWS_QUARANTINED = "rows_quarantined"
     GUARD_STACK = "guard_stack"
     GUARD_DEGRADED = "guard_degraded"
 
@@ -175,7 +179,7 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "root_cause:str|None", "a dead supervisor's attempt, found on continuing"),
     (Event.DECISION, _S, "attempt:int action:str reason:str knobs:dict rung:dict|None changes:list "
      "resume_from:str|None resume_class:str|None give_up:str|None backoff_s:num|None truncation_share:num|None "
-     "effective_batch:list|None lr_note:str|None quarantine?:list resume_mode?:str rewarm_steps?:int",
+     "effective_batch:list|None lr_note:str|None quarantine?:list resume_mode?:str rewarm_steps?:int culprit?:dict",
      "what the policy decided after a failure"),
     (Event.CHILD_START, _S, "attempt:int start:str reason:str|None waited_s:num spare_pid?:int|None "
      "spare_rss?:int|None preloaded?:list spare_ready_s?:num",
@@ -248,6 +252,13 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "the requested learning rate is outside its recipe class's usual range (said once, never acted on)"),
     (Event.REWARM, _C, f"attempt:int {_STEP} steps:int factor:num lr:list scheduled:list",
      "the attempt re-entered warm-up after a NaN rollback: the optimizer's rate on its first step"),
+    (Event.CULPRIT_SPLIT, _C, f"attempt:int {_STEP} factor:int micro_batches:int chunks:int rows:int "
+     "max_chunk_tokens:int",
+     "a culprit optimizer step trained as smaller micro-batches, same rows (step = the step trained)"),
+    (Event.CULPRIT_UNSPLITTABLE, _C, f"attempt:int {_STEP} factor:int why:str",
+     "a culprit step whose micro-batches cannot be split (one row, or padding-free rows): trained whole"),
+    (Event.ROWS_QUARANTINED, _C, f"attempt:int {_STEP} rows:list",
+     "quarantined rows the sampler handed out, skipped (not trained) in this step"),
     (Event.GUARD_STACK, _C, "attempt:int versions:dict tested:bool outside:list missing:list degraded:list",
      "the child's training stack against oomguard's tested range (rank 0, once per attempt)"),
     (Event.GUARD_DEGRADED, _C, "part:str error:str consequence:str",

@@ -106,24 +106,41 @@ INJECTABLE = ("cuda_oom", "nan", "inf", "crash", "hang", "host_oom", "resume_oom
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    """One injected fault: ``kind@step=N[,rank=R][,attempt=A]``; fires once per run."""
+    """One injected fault: ``kind@step=N[,rank=R][,attempt=A]``; fires once per run.
+
+    Data-dependent faults (issue 19, culprit batches) fire on every micro-batch that matches, in every
+    attempt, never remembered: ``cuda_oom@tokens=N`` whenever a training micro-batch holds more than N
+    tokens (``input_ids.numel()``: splitting the batch really avoids it), ``nan@row=R`` (or ``inf@row=R``)
+    whenever a training micro-batch holds row R of the train dataset (quarantining R really avoids it)."""
 
     kind: str
     step: int | None = None
     rank: int | None = None
     attempt: int | None = None
+    tokens: int | None = None
+    row: int | None = None
+
+    @property
+    def data_dependent(self) -> bool:
+        return self.tokens is not None or self.row is not None
 
     @property
     def key(self) -> str:
-        return f"{self.kind}@step={self.step},rank={self.rank},attempt={self.attempt}"
+        extra = "".join(f",{k}={v}" for k, v in (("tokens", self.tokens), ("row", self.row)) if v is not None)
+        return f"{self.kind}@step={self.step},rank={self.rank},attempt={self.attempt}{extra}"
+
+
+_FAULT_ARGS = ("step", "rank", "attempt", "tokens", "row")
+_DATA_ARG = {"cuda_oom": "tokens", "nan": "row", "inf": "row"}  # the data-dependent argument each kind takes
 
 
 def _fault_args(part: str, args: str) -> dict[str, int]:
     kw: dict[str, int] = {}
     for arg in filter(None, (a.strip() for a in args.split(","))):
         key, eq, val = arg.partition("=")
-        if not eq or key not in ("step", "rank", "attempt") or not val.strip().isdigit():
-            raise ValueError(f"bad fault argument {arg!r} in {part!r}; use step=N, rank=R or attempt=A")
+        if not eq or key not in _FAULT_ARGS or not val.strip().isdigit():
+            raise ValueError(f"bad fault argument {arg!r} in {part!r}; use step=N, rank=R, attempt=A, "
+                             "tokens=N (cuda_oom) or row=R (nan, inf)")
         if key in kw:  # "step=3,step=4" would silently keep the last one
             raise ValueError(f"duplicate fault argument {key!r} in {part!r}; give each of step, rank, "
                              "attempt at most once (two faults: separate them with ';')")
@@ -139,5 +156,10 @@ def parse_inject(spec: str) -> list[Fault]:
         kind = kind.strip()
         if kind not in INJECTABLE:
             raise ValueError(f"unknown fault {kind!r} in {part!r}; known: {', '.join(INJECTABLE)}")
-        faults.append(Fault(kind=kind, **_fault_args(part, args)))
+        kw = _fault_args(part, args)
+        for arg in ("tokens", "row"):
+            if arg in kw and _DATA_ARG.get(kind) != arg:
+                raise ValueError(f"fault argument {arg!r} in {part!r} does not apply to {kind}; use "
+                                 "cuda_oom@tokens=N or nan@row=R")
+        faults.append(Fault(kind=kind, **kw))
     return faults

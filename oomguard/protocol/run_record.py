@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import numbers
 import time
 from typing import Any, Callable, Mapping, TypeVar
 
-from .env import ResumeMode
+from .env import ENV_CULPRIT, ResumeMode
 from .records import FailureKind, Phase, RunStatus
 
 __all__ = ["ResumeClass", "GiveUpReason", "DecisionAction", "SetAsideReason", "RequestedSource", "Failure",
-           "RungRef", "KnobChange", "SetAside", "Decision", "AttemptRecord", "RunRecord", "record_problems"]
+           "RungRef", "KnobChange", "SetAside", "CulpritOrder", "Decision", "AttemptRecord", "RunRecord",
+           "record_problems"]
 
 T = TypeVar("T")
 
@@ -42,6 +44,7 @@ class GiveUpReason(str, enum.Enum):
     MAX_ATTEMPTS = "max_attempts"
     WALL_CLOCK = "wall_clock"
     UNRECOVERABLE = "unrecoverable"
+    QUARANTINE_LIMIT = "quarantine_limit"  # more rows quarantined than limits.max_quarantined_rows
 
 
 class DecisionAction(str, enum.Enum):
@@ -185,6 +188,55 @@ class SetAside:
 
 
 @dataclasses.dataclass(frozen=True)
+class CulpritOrder:
+    """What the child does to culprit batches (issue 19), the whole run's so far (``OOMGUARD_CULPRIT``).
+
+    ``split``: (optimizer step, factor) pairs: each micro-batch of that step is trained as ``factor``
+    smaller chunks along the batch dimension (same rows, same effective batch, same loss normalisation);
+    ``quarantine``: training-set rows (indices of ``train_dataset``) never trained again: the sampler
+    still hands them out (the ledger records them as ``skipped``), the step trains without them."""
+
+    split: tuple[tuple[int, int], ...] = ()
+    quarantine: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.split or self.quarantine)
+
+    def factor(self, step: int) -> int:
+        """The split factor of optimizer ``step`` (1: not split)."""
+        return dict(self.split).get(step, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": {str(step): factor for step, factor in self.split}, "quarantine": list(self.quarantine)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CulpritOrder":
+        split, rows = d.get("split") or {}, d.get("quarantine") or []
+        if not isinstance(split, Mapping) or not isinstance(rows, (list, tuple)):
+            raise ValueError("a culprit order is {\"split\": {step: factor}, \"quarantine\": [row, ...]}")
+        pairs = sorted((int(k), int(v)) for k, v in split.items())
+        if any(step < 1 or factor < 1 for step, factor in pairs) or any(
+                not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in rows):
+            raise ValueError(f"culprit order {dict(d)!r}: steps and factors must be >= 1, rows integers >= 0")
+        return cls(split=tuple(pairs), quarantine=tuple(sorted(set(rows))))
+
+    @classmethod
+    def from_env(cls, raw: str | None) -> "CulpritOrder":
+        """``OOMGUARD_CULPRIT`` -> the order (empty when unset); ValueError naming the variable and the fix."""
+        if not (raw or "").strip():
+            return cls()
+        try:
+            value = json.loads(raw)
+            if not isinstance(value, Mapping):
+                raise ValueError(f"got {type(value).__name__}")
+            return cls.from_dict(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{ENV_CULPRIT}={raw[:200]!r} is not a culprit order ({exc}); the supervisor writes "
+                             "it as JSON {\"split\": {\"7\": 2}, \"quarantine\": [12]}: unset it to train normally"
+                             ) from None
+
+
+@dataclasses.dataclass(frozen=True)
 class Decision:
     """What the supervisor does next; ``reason`` is one sentence, root cause first.
 
@@ -206,6 +258,7 @@ class Decision:
     quarantine: tuple[SetAside, ...] = ()
     resume_mode: ResumeMode = ResumeMode.NORMAL
     rewarm_steps: int = 0  # the next attempt re-enters warm-up over this many optimizer steps (a NaN rollback)
+    culprit: CulpritOrder | None = None  # issue 19: the split steps and quarantined rows from the next attempt on
 
     def to_dict(self) -> dict[str, Any]:
         """Today's ``decision`` shape; ``quarantine``, ``resume_mode`` and ``rewarm_steps`` only when they say
@@ -222,6 +275,8 @@ class Decision:
             out["resume_mode"] = self.resume_mode.value
         if self.rewarm_steps:
             out["rewarm_steps"] = self.rewarm_steps
+        if self.culprit:
+            out["culprit"] = self.culprit.to_dict()
         return out
 
     @classmethod
@@ -237,7 +292,8 @@ class Decision:
                    lr_note=d.get("lr_note"),
                    quarantine=tuple(s for q in d.get("quarantine") or () if (s := _tolerant(SetAside.from_dict, q))),
                    resume_mode=_enum(ResumeMode, d.get("resume_mode"), ResumeMode.NORMAL),
-                   rewarm_steps=d.get("rewarm_steps") if isinstance(d.get("rewarm_steps"), int) else 0)
+                   rewarm_steps=d.get("rewarm_steps") if isinstance(d.get("rewarm_steps"), int) else 0,
+                   culprit=_tolerant(CulpritOrder.from_dict, d.get("culprit")))
 
 
 # --- the record ----------------------------------------------------------------------------
@@ -264,12 +320,15 @@ class AttemptRecord:
     verified: dict[str, str] = dataclasses.field(default_factory=dict)  # ordered knob -> a Verdict value
     resumed_step: int | None = None  # the step of resumed_from
     rewarm_steps: int = 0  # optimizer steps this attempt re-entered warm-up over (a NaN rollback's decision)
+    culprit: CulpritOrder | None = None  # the split steps / quarantined rows it was told (OOMGUARD_CULPRIT)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field; ``rewarm_steps`` only when the attempt re-entered warm-up."""
+        """Every field; ``rewarm_steps`` and ``culprit`` only when they say something."""
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if not self.rewarm_steps:
             del out["rewarm_steps"]
+        if not self.culprit:
+            del out["culprit"]
         return out
 
     @classmethod
@@ -279,6 +338,7 @@ class AttemptRecord:
         kw["rung"] = _tolerant(RungRef.from_dict, kw.get("rung"))
         kw["failure"] = Failure.from_dict(kw["failure"]) if isinstance(kw.get("failure"), Mapping) else None
         kw["decision"] = _tolerant(Decision.from_dict, kw.get("decision"))
+        kw["culprit"] = _tolerant(CulpritOrder.from_dict, kw.get("culprit"))
         return cls(**kw)
 
 

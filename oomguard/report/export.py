@@ -139,6 +139,8 @@ def build_document(run: dict[str, Any], events: list[dict[str, Any]], problems: 
         "skipped_checkpoints": list(s.skipped_checkpoints),
         "problems": list(s.problems),
         "guard_notes": list(s.guard_notes),
+        "culprits": {"split": [{"step": step, "factor": factor} for step, factor in s.split_steps],
+                     "quarantined_rows": list(s.quarantined)},
     }
 
 

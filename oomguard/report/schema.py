@@ -139,6 +139,12 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "guard_notes": {"type": "array", "items": _STR,
                         "description": "the child's stack outside oomguard's tested range, guard parts that "
                                        "degraded on it (docs/COMPATIBILITY.md), a note on the learning rate"},
+        "culprits": _obj({
+            "split": {"type": "array", "items": _obj({"step": _INT, "factor": _INT}),
+                      "description": "optimizer steps trained as smaller micro-batches (same rows, same gradient)"},
+            "quarantined_rows": {"type": "array", "items": _INT,
+                                 "description": "train-set rows never trained (a recurring NaN), skipped"},
+        }, "issue 19: culprit batches split or quarantined instead of degrading the whole run"),
     },
 }
 REPORT_JSON_SCHEMA["required"] = list(REPORT_JSON_SCHEMA["properties"])

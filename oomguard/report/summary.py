@@ -55,6 +55,8 @@ class RunSummary:
     problems: tuple[str, ...] = ()  # what is wrong with the run's files (skipped journal lines, a bad decision)
     failures: int = 0  # attempts that ended in a failure
     guard_notes: tuple[str, ...] = ()  # the stack outside the tested range, degraded guard parts, an LR note
+    split_steps: tuple[tuple[int, int], ...] = ()  # issue 19: (optimizer step, factor) trained as smaller micro-batches
+    quarantined: tuple[int, ...] = ()  # issue 19: training-set rows never trained (skipped in the ledger)
 
 
 def _step_of(path: str | None) -> int | None:
@@ -203,7 +205,21 @@ def summarize_loaded(run: dict[str, Any], events: list[dict[str, Any]], problems
                       recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
                       skipped_checkpoints=skipped, requested_source=run.get("requested_source", "command"),
                       checks=checks, not_applied=missed, problems=tuple(problems),
-                      failures=sum(1 for a in attempts if a.get("failure")), guard_notes=_guard_notes(events))
+                      failures=sum(1 for a in attempts if a.get("failure")), guard_notes=_guard_notes(events),
+                      **_culprits(attempts))
+
+
+def _culprits(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every step split and every row quarantined over the run (each decision's order holds all before it)."""
+    split: dict[int, int] = {}
+    rows: set[int] = set()
+    for a in attempts:
+        order = (a.get("decision") or {}).get("culprit") or {}
+        for step, factor in (order.get("split") or {}).items():
+            if str(step).isdigit() and isinstance(factor, int):
+                split[int(step)] = max(factor, split.get(int(step), 1))
+        rows |= {r for r in order.get("quarantine") or () if isinstance(r, int)}
+    return {"split_steps": tuple(sorted(split.items())), "quarantined": tuple(sorted(rows))}
 
 
 def _guard_notes(events: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -274,6 +290,13 @@ def render_text(s: RunSummary) -> str:
         lines.append(f"  problem: {line}")
     for line in s.guard_notes:
         lines.append(f"  {line}")
+    if s.split_steps:
+        steps = ", ".join(f"step {step} ×{factor} ({s.checks.get(f'culprit_split@{step}', 'unverified')})"
+                          for step, factor in s.split_steps)
+        lines.append(f"  culprit steps trained as smaller micro-batches (same rows, same effective batch): {steps}")
+    if s.quarantined:
+        check = s.checks.get("quarantine", "unverified")
+        lines.append(f"  quarantined rows (never trained, skipped in the ledger; {check}): {list(s.quarantined)}")
     source = "as the child ran it" if s.requested_source == "observed" else "from the command's flags only"
     lines.append(f"requested ({source}) → final:")
     lines += _knob_lines(s)

@@ -20,6 +20,7 @@ from ..protocol import (
     CKPT_TRAINER_STATE,
     ENV_ATTEMPT,
     ENV_CHECKPOINT_DIR,
+    ENV_CULPRIT,
     ENV_ERROR_FILE,
     ENV_INJECT,
     ENV_KNOBS,
@@ -41,6 +42,7 @@ from ..protocol import (
 from ..protocol.run_record import Failure, RungRef
 from .checkpoints import checkpoint_step, scan_checkpoints
 from .command import build_command
+from .culprit import next_order, verify_culprit
 from .evidence import attempt_failure, error_records
 from .journal import AttemptRecord, Journal
 from .launch import bootstrap_env, bootstrap_outcome, launch_plan  # issue 4: the in-child bootstrap
@@ -82,7 +84,8 @@ def start_attempt(spec: RunSpec, journal: Journal, plan: Plan, now: float) -> At
     attempt = AttemptRecord(n=n, started=now, knobs=dict(record.config), rung=plan.rung,
                             resumed_from=plan.resume_from, command=list(built.argv), delivered=dict(built.delivered),
                             orders=dict(record.orders), resumed_step=checkpoint_step(plan.resume_from),
-                            rewarm_steps=plan.rewarm_steps if plan.resume_from else 0)
+                            rewarm_steps=plan.rewarm_steps if plan.resume_from else 0,
+                            culprit=next_order(record))  # issue 19: the split steps / quarantined rows so far
     record.attempts.append(attempt)
     atomic_write_json(journal.attempt_dir(n) / KNOBS_JSON, attempt.knobs)
     journal.save()
@@ -110,6 +113,7 @@ def child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord, mode: Res
         ENV_RESUME_MODE: mode.value,  # decided by policy.decide(); the child never infers it
         ENV_NAN_SKIP_STEPS: str(spec.policy.limits.nan_skip_steps),
         ENV_REWARM_STEPS: str(attempt.rewarm_steps),
+        ENV_CULPRIT: json.dumps(attempt.culprit.to_dict()) if attempt.culprit else "",
     })
     if attempt.n == 1 and not attempt.resumed_from:
         # no supervisor choice yet: the command's own --resume_from_checkpoint stands (Trust rule 1),
@@ -134,6 +138,7 @@ def finish_attempt(spec: RunSpec, journal: Journal, attempt: AttemptRecord, outc
     events = journal.events()  # read once: progress and the bootstrap's outcome both come from it
     observe_attempt(spec, journal, attempt, events)
     attempt.max_step = max_step(journal, events, attempt, records)
+    verify_culprit(spec, journal, attempt, events)
     failure = None if outcome.interrupted_by is not None else attempt_failure(
         spec, outcome, records, events, attempt.started, attempt.max_step)
     attempt.ended, attempt.exit_code, attempt.signal = now, outcome.exit_code, outcome.signal

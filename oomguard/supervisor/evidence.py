@@ -18,6 +18,7 @@ from ..policy import OOM_KINDS, CheckpointInfo, Evidence, Failure, device_capabi
 from ..protocol import ERROR_JSON, KNOB_LORA_ALPHA, KNOB_LORA_R, ErrorRecord, read_error_records
 from .checkpoints import WEIGHT_FILES, CheckpointScan
 from .classify import classify_outcome
+from .culprit import culprit_views
 from .history import attempt_views, data_profile, memory_growth
 from .journal import Journal
 from .process import ChildOutcome
@@ -70,7 +71,7 @@ def gather_evidence(spec: RunSpec, journal: Journal, survey: CheckpointSurvey, e
     record = journal.record
     last = record.attempts[-1]
     return Evidence(
-        attempts=attempt_views(record),
+        attempts=culprit_views(attempt_views(record), record, spec.run_dir),
         checkpoints=[CheckpointInfo(str(s.path), s.step, s.complete) for s in survey.own],
         ranks=root_first(error_records(journal, last.n)),
         profile=data_profile(events),

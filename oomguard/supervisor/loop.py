@@ -39,7 +39,7 @@ log = logging.getLogger("oomguard.supervisor")
 GIVE_UP_EXIT: dict[GiveUpReason, ExitCode] = {
     GiveUpReason.LADDER_EXHAUSTED: ExitCode.GAVE_UP, GiveUpReason.MAX_ATTEMPTS: ExitCode.GAVE_UP,
     GiveUpReason.WALL_CLOCK: ExitCode.GAVE_UP, GiveUpReason.NO_PROGRESS: ExitCode.NO_PROGRESS,
-    GiveUpReason.UNRECOVERABLE: ExitCode.CHILD_FAILED,
+    GiveUpReason.UNRECOVERABLE: ExitCode.CHILD_FAILED, GiveUpReason.QUARANTINE_LIMIT: ExitCode.GAVE_UP,
 }
 
 

@@ -1,5 +1,10 @@
 """FaultInjectionCallback: real failures on demand (``OOMGUARD_INJECT``), each once per run.
 
+The data-dependent ones (issue 19) fire on every training micro-batch that matches, in every attempt, and are
+never remembered: ``cuda_oom@tokens=N`` when the micro-batch's ``input_ids`` hold more than N tokens (a split
+step's smaller chunks pass), ``nan@row=R`` / ``inf@row=R`` when it holds row R of the train dataset (its rows
+come from the ledger, :func:`oomguard.guard.culprit.current_rows`; a quarantined R never trains).
+
 Faults are armed only under a live supervisor that asked for them (``env.faults_armed``).
 Fired faults are remembered in ``<run_dir>/injected.json`` (rank k: ``injected.rank<k>.json``)
 *before* they fire, so a resumed attempt — or a fault that kills the process — never repeats.
@@ -19,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from oomguard import protocol
+from oomguard.guard.culprit import current_rows
 from oomguard.guard.env import faults_armed
 from oomguard.guard.writer import EventWriter
 from oomguard.protocol import Fault
@@ -58,7 +64,7 @@ def due_faults(faults: Iterable[Fault], ledger: FaultLedger, *, kind: str, rank:
     """Faults of ``kind`` that should fire now; ``step`` None matches only faults without a step. Pure."""
     out = []
     for f in faults:
-        if f.kind != kind or ledger.fired(f):
+        if f.kind != kind or f.data_dependent or ledger.fired(f):
             continue
         if (f.rank is not None and f.rank != rank) or (f.attempt is not None and f.attempt != attempt):
             continue
@@ -85,8 +91,9 @@ def injected_oom(where: str) -> torch.OutOfMemoryError:
 
 
 class FaultInjectionCallback(TrainerCallback):
-    """Honours ``faults``: cuda_oom (forward of step N), nan/inf (loss of step N), crash, hang,
-    host_oom (SIGKILL), resume_oom (at train begin of a resumed run), eval_oom (next eval >= N)."""
+    """Honours ``faults``: cuda_oom (forward of step N, or of every micro-batch over ``tokens``), nan/inf (loss
+    of step N, or of every micro-batch holding ``row``), crash, hang, host_oom (SIGKILL), resume_oom (at train
+    begin of a resumed run), eval_oom (next eval >= N)."""
 
     STEP_KINDS = ("crash", "hang", "host_oom")
 
@@ -141,7 +148,27 @@ class FaultInjectionCallback(TrainerCallback):
         while kind == "hang":
             time.sleep(3600)  # no more heartbeats: the supervisor's hang timeout must fire
 
+    def _data_fault(self, kinds: tuple[str, ...], module, args) -> Fault | None:
+        """A data-dependent fault of ``kinds`` this training micro-batch matches (see the module doc)."""
+        if not module.training:
+            return None
+        for f in self.faults:
+            if f.kind not in kinds or not f.data_dependent or (f.rank is not None and f.rank != self.rank) \
+                    or (f.attempt is not None and f.attempt != self.attempt):
+                continue
+            ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if f.tokens is not None and ids is not None and ids.numel() > f.tokens:
+                return f
+            if f.row is not None and f.row in current_rows():
+                return f
+        return None
+
     def _pre_forward(self, module, args):
+        data = self._data_fault(("cuda_oom",), module, args)
+        if data is not None:
+            self.journal.emit("fault_injected", step=self._completed, fault=data.kind, key=data.key,
+                              tokens=int(args[0].numel()))
+            raise injected_oom(f"a micro-batch of {int(args[0].numel())} tokens > {data.tokens}")
         fault = self._armed
         if fault is not None and fault.kind == "cuda_oom" and module.training:
             self._armed = None
@@ -149,6 +176,10 @@ class FaultInjectionCallback(TrainerCallback):
             raise injected_oom(f"forward of step {fault.step}")
 
     def _post_forward(self, module, args, output):
+        data = self._data_fault(("nan", "inf"), module, args)
+        if data is not None:
+            self.journal.emit("fault_injected", step=self._completed, fault=data.kind, key=data.key, row=data.row)
+            return output * float(data.kind)
         fault = self._armed
         if fault is not None and fault.kind in ("nan", "inf") and module.training:
             self._armed = None

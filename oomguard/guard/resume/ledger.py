@@ -1,9 +1,12 @@
 """The ledger of samples seen: which training-set rows each optimizer step consumed, per rank.
 
 ``<run_dir>/ledger/rank<k>.jsonl``, one line per optimizer step:
-``{"step": 7, "attempt": 2, "epoch": 0, "samples": [[412, 1], [17, 3]]}`` — the rows (indices of
-the trainer's ``train_dataset``) in the order consumed, as runs ``[first, length]`` of consecutive
-indices (compact for sequential samplers; a shuffled order costs one pair per row).
+``{"step": 7, "attempt": 2, "epoch": 0, "samples": [[412, 1], [17, 3]], "tokens": [512, 384]}`` — the rows
+(indices of the trainer's ``train_dataset``) in the order consumed, as runs ``[first, length]`` of
+consecutive indices (compact for sequential samplers; a shuffled order costs one pair per row), and the
+tokens (``input_ids.numel()``) of each micro-batch. Rows the supervisor quarantined (issue 19,
+:mod:`oomguard.guard.culprit`) were handed out but not trained: they are in ``samples`` (the position
+counts them) and again in ``skipped``; the rows a step trained are ``samples`` less ``skipped``.
 
 A step that a later attempt trains again (it resumed from an older checkpoint) is superseded
 by that attempt's line: :func:`read_ledger` keeps the newest attempt's record per step.
@@ -39,6 +42,7 @@ from transformers import TrainerCallback
 
 from oomguard import protocol
 from oomguard.guard import trainer_patches as internals
+from oomguard.guard.culprit import CulpritStep, install_culprit
 
 __all__ = ["SampleLedgerCallback", "StepSamples", "append_order", "append_step", "compress", "expand",
            "install_ledger", "ledger_file", "ledger_of", "order_file", "read_ledger", "read_orders",
@@ -51,6 +55,20 @@ class StepSamples:
     attempt: int
     epoch: int
     samples: tuple[int, ...]
+    tokens: tuple[int, ...] = ()  # per micro-batch, input_ids.numel()
+    skipped: tuple[int, ...] = ()  # quarantined rows among samples: handed out, not trained
+
+    @property
+    def trained(self) -> tuple[int, ...]:
+        """``samples`` less the ``skipped`` rows (each skipped occurrence once)."""
+        left = Counter(self.skipped)
+        out = []
+        for i in self.samples:
+            if left[i] > 0:
+                left[i] -= 1
+            else:
+                out.append(i)
+        return tuple(out)
 
 
 def compress(indices: Sequence[int]) -> list[list[int]]:
@@ -97,8 +115,12 @@ def read_orders(path: str | Path) -> dict[int, tuple[int, ...]]:
 
 def append_step(path: Path, entry: StepSamples) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    protocol.append_jsonl(path, {"step": entry.step, "attempt": entry.attempt, "epoch": entry.epoch,
-                                 "samples": compress(entry.samples)})
+    line = {"step": entry.step, "attempt": entry.attempt, "epoch": entry.epoch, "samples": compress(entry.samples)}
+    if entry.tokens:
+        line["tokens"] = list(entry.tokens)
+    if entry.skipped:
+        line["skipped"] = compress(entry.skipped)
+    protocol.append_jsonl(path, line)
 
 
 def read_ledger(path: str | Path) -> list[StepSamples]:
@@ -107,7 +129,8 @@ def read_ledger(path: str | Path) -> list[StepSamples]:
     for line in protocol.read_jsonl(path):
         try:
             entry = StepSamples(int(line["step"]), int(line["attempt"]), int(line.get("epoch", 0)),
-                                tuple(expand(line["samples"])))
+                                tuple(expand(line["samples"])), tuple(int(t) for t in line.get("tokens") or ()),
+                                tuple(expand(line.get("skipped") or ())))
         except (KeyError, TypeError, ValueError):
             continue  # a foreign or torn line is not evidence
         if entry.step not in newest or entry.attempt >= newest[entry.step].attempt:
@@ -199,6 +222,7 @@ class SampleLedgerCallback(TrainerCallback):
         self.first_epoch = 0  # the epoch of this attempt's first sampler pass
         self.resume_epoch: int | None = None  # set with resume_order: the epoch it continues
         self.resume_order: list[int] | None = None  # yielded instead of the sampler's first pass
+        self.culprit: CulpritStep | None = None  # the step in flight, split and quarantine (guard.culprit)
         self.sharded = False  # accelerate deals batches to several ranks: the stream is this rank's share
         self.batch_ends: list[int] = []  # sharded: offset in the stream after each batch dealt to this rank
 
@@ -225,13 +249,15 @@ class SampleLedgerCallback(TrainerCallback):
         end = next((e for e in self.pass_ends if e > self.pointer), self.pointer + batch_size)
         return min(batch_size, end - self.pointer)
 
-    def consumed(self, n: int) -> None:
+    def consumed(self, n: int) -> list[int]:
+        """The next ``n`` rows of the stream, taken by the micro-batch now training."""
         taken = self.stream[self.pointer:self.pointer + n]
         if len(taken) < n:
             raise RuntimeError(f"oomguard ledger: the trainer consumed {n} samples but the sampler handed out "
                                f"only {len(taken)} more; the train dataloader was not built by get_train_dataloader")
         self.pending.extend(taken)
         self.pointer += n
+        return taken
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         if self.resume_epoch is not None:
@@ -251,13 +277,16 @@ class SampleLedgerCallback(TrainerCallback):
         self.epoch = epoch if epoch is not None else int(state.epoch or 0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        append_step(self.path, StepSamples(state.global_step, self.attempt, self.epoch, tuple(self.pending)))
+        tokens, skipped = self.culprit.step_ended(state.global_step) if self.culprit else ((), ())
+        append_step(self.path, StepSamples(state.global_step, self.attempt, self.epoch, tuple(self.pending),
+                                           tokens, skipped))
         self.pending = []
 
 
 def install_ledger(trainer, run_dir: str | Path, *, rank: int = 0, attempt: int = 1) -> SampleLedgerCallback:
     """Record samples seen by ``trainer``: wrap its sampler and count each training_step's batch."""
     ledger = SampleLedgerCallback(run_dir, rank=rank, attempt=attempt)
+    ledger.culprit = culprit = install_culprit(trainer, run_dir, rank=rank, attempt=attempt)
     make_loader, step = trainer.get_train_dataloader, trainer.training_step
 
     def get_train_dataloader(*args, **kwargs):
@@ -278,8 +307,8 @@ def install_ledger(trainer, run_dir: str | Path, *, rank: int = 0, attempt: int 
         padding_free = getattr(trainer, "padding_free", False)  # TRL's: the batch's rows are one sequence
         rows = None if padding_free else _batch_size(inputs)
         # unknown batch layout: count the configured batch (wrong only for a short last batch)
-        ledger.consumed(ledger.rows_in_batch(internals.train_batch_size(trainer)) if rows is None else rows)
-        return step(model, inputs, *args, **kwargs)
+        taken = ledger.consumed(ledger.rows_in_batch(internals.train_batch_size(trainer)) if rows is None else rows)
+        return culprit.train(trainer, step, model, inputs, taken, *args, **kwargs)
 
     trainer.get_train_dataloader, trainer.training_step = get_train_dataloader, training_step
     trainer.add_callback(ledger)
