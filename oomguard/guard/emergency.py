@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from oomguard.bootstrap.fast_exit import GuardExit
 from oomguard.guard import trainer_patches as internals
 from oomguard.guard.callbacks.phase import PhaseTrackerCallback
 from oomguard.guard.device import stats as device
@@ -21,7 +22,8 @@ __all__ = ["die", "emergency_save"]
 
 def die(trainer, env: GuardEnv, tracker: PhaseTrackerCallback, failure: CaughtFailure, *,
         last_finite_step: int | None) -> None:
-    """Say what failed on stderr, save what is safe, write the error record, ``sys.exit(1)``."""
+    """Say what failed on stderr, save what is safe, write the error record, exit 1: a ``SystemExit`` that
+    skips the interpreter's teardown once nothing of the user's is left to run (``bootstrap/fast_exit``)."""
     # a newline first: the child's own progress bar (tqdm, on stderr) may have left its line open
     sys.stderr.write(f"\noomguard: training failed ({failure.kind.value} in {failure.phase.value} "
                      f"after step {trainer.state.global_step}, rank {env.rank}):\n{failure.traceback}")
@@ -38,7 +40,7 @@ def die(trainer, env: GuardEnv, tracker: PhaseTrackerCallback, failure: CaughtFa
                      path=str(path), saved_checkpoint=saved)
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.exit(1)
+    raise GuardExit(1)
 
 
 def _refusal(trainer, env: GuardEnv, phase: Phase) -> str | None:

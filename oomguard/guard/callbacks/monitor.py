@@ -1,7 +1,15 @@
-"""MemoryMonitorCallback: per-step allocator figures to the journal and the trainer's loggers."""
+"""MemoryMonitorCallback: per-step allocator figures to the journal and the trainer's loggers.
+
+Per step it reads only the allocator's figures (one ``memory_stats`` read, device/stats.py): the
+growth detector and the pressure save need every step's peak. NVML's device-wide figure and the
+host RSS (a driver call and a /proc read) are read only for a sample that is journaled (the first
+``dense_steps``, every ``sample_every``-th, anything notable) or logged: off the hot path (issue 17
+item 3). The error record reads all of them afresh at the failure (``device.memory_snapshot``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from pathlib import Path
 
@@ -57,6 +65,7 @@ class MemoryMonitorCallback(TrainerCallback):
                               level=growth.level, cap=growth.cap, projected_step=growth.projected_step)
         self.growth = growth
         if notable or self._due(sample.step):
+            sample = self._with_device_and_host(sample)
             self.journal.emit("memory", step=sample.step, **sample.to_fields())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -76,20 +85,26 @@ class MemoryMonitorCallback(TrainerCallback):
             logs["oomguard/fragmentation_gib"] = round(s.fragmentation / GIB, 3)  # inactive_split
             logs["oomguard/cache_slack_gib"] = round(s.slack / GIB, 3)
             logs["oomguard/alloc_retries"] = s.alloc_retries
-        if s.host_rss is not None:
-            logs["oomguard/host_rss_gib"] = round(s.host_rss / GIB, 3)
+        host_rss = s.host_rss if s.host_rss is not None else device.host_rss()  # read at log time
+        logs["oomguard/host_rss_gib"] = round(host_rss / GIB, 3)
         if self.growth is not None:
             logs["oomguard/growth_mib_per_step"] = round(self.growth.slope / 2**20, 3)
 
     # -- helpers --------------------------------------------------------------------
     def take(self, step: int) -> MemorySample:
-        """Read the current figures, remember them, and return the sample."""
-        sample = sample_from_stats(step, device.memory_stats(), device_used=device.nvml_used(),
-                                   host_rss=device.host_rss())
+        """Read the allocator's current figures, remember them, and return the sample."""
+        sample = sample_from_stats(step, device.memory_stats())
         if sample.reserved or not device.cuda_available():
             self.samples.append(sample)
         self._previous, self.latest = self.latest, sample
         return sample
+
+    def _with_device_and_host(self, sample: MemorySample) -> MemorySample:
+        """``sample`` with NVML's device-wide figure and the host RSS, read now; it becomes the latest."""
+        full = dataclasses.replace(sample, device_used=device.nvml_used(), host_rss=device.host_rss())
+        if self.latest is sample:
+            self.latest = full
+        return full
 
     def _due(self, step: int) -> bool:
         return step <= self.dense_steps or step % self.sample_every == 0

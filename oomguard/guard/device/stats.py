@@ -38,10 +38,20 @@ def warn_no_cuda(feature: str) -> None:
 
 
 def memory_stats() -> dict[str, Any]:
-    """``torch.cuda.memory_stats()`` of the current device, or {} without CUDA."""
+    """The ``SNAPSHOT_KEYS`` of ``torch.cuda.memory_stats()`` (the figures oomguard reads) for the current
+    device, or {} without CUDA. Read from the nested dict: ``memory_stats`` flattens and sorts its
+    ~150 entries in Python on every call, and the monitor and the cache clearer read once per step."""
     if not cuda_available() or not torch.cuda.is_initialized():
         return {}
-    return dict(torch.cuda.memory_stats())
+    nested = torch.cuda.memory_stats_as_nested_dict()
+    out: dict[str, Any] = {}
+    for key in SNAPSHOT_KEYS:
+        node: Any = nested
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[key] = node
+    return out
 
 
 def host_rss() -> int:
