@@ -112,6 +112,15 @@ def run(ctx: typer.Context,
                                         "(host memory only, no CUDA) that becomes the next attempt's child. "
                                         "On CPU a restart skips the imports; on a CUDA machine it saved nothing "
                                         "yet (docs/BENCHMARKS.md)."),
+        # --- issue 20 (N): several nodes, one supervisor per node (docs/DISTRIBUTED.md) -------------------
+        node_rank: Optional[int] = typer.Option(None, help="This node's rank in a job of several nodes (default: "
+                                                "the command's --node-rank/--machine_rank, PET_NODE_RANK, "
+                                                "SLURM_NODEID)."),
+        nnodes: Optional[int] = typer.Option(None, help="The job's node count (default: the command's "
+                                             "--nnodes/--num_machines, else torchrun's PET_NNODES)."),
+        node_timeout: float = typer.Option(300.0, metavar="SECONDS", help="Several nodes: how long to wait for "
+                                           "another node's supervisor before ending with exit 7."),
+        # --- end issue 20 (N) ------------------------------------------------------------------------------
         ) -> None:
     """Run COMMAND (after --) under the supervisor.
 
@@ -123,12 +132,18 @@ def run(ctx: typer.Context,
     try:
         told = _notify_spec(notify, notify_on, on_end, on_end_timeout)
         rd = run_dir or _default_run_dir()
+        # --- issue 20 (N): one node of several runs in <run-dir>/node-K (the shared dir is the job's) ---
+        from .supervisor.nodes import node_role
+
+        node = node_role(rd, list(ctx.args), node_rank=node_rank, nnodes=nnodes, explicit_dir=run_dir is not None)
+        rd = node.run_dir if node else rd
+        # --- end issue 20 (N) ---
         notifier = _notifier(told, rd)
         command = _command_for(rd, list(ctx.args))
         spec = build_spec(command, policy_arg=policy, run_dir=rd, checkpoint_dir=checkpoint_dir,
                           vram_limit=vram_limit, inject=inject, echo=not quiet, start_from_policy=start_from_policy,
                           on_recovery=notifier.recovery if notifier and told.on_recovery else None, verbose=verbose,
-                          warm_spare=warm_spare)
+                          warm_spare=warm_spare, node=node, node_timeout_s=node_timeout)
         if dry_run:
             _print_dry_run(spec)
             return

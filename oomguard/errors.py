@@ -15,6 +15,9 @@ class ExitCode(enum.IntEnum):
     NO_PROGRESS = 4  # no new optimizer step across the budgeted attempts: do not requeue
     CHILD_FAILED = 5  # the child failed in a way no rung can help (e.g. a bug in the script)
     RUN_DIR_FAILED = 6  # the run dir stopped taking writes mid-run (disk full, read-only): free it, continue
+    # several nodes (docs/DISTRIBUTED.md): another node's supervisor is gone, or never came, past --node-timeout;
+    # the nodes cannot agree on the next attempt: restart (requeue) every node's `oomguard run --run-dir D`
+    NODE_LOST = 7
     REQUEUE = 75  # stopped by a scheduler (SIGTERM, SIGUSR1, SIGUSR2) after the child saved: requeue the job
     INTERRUPTED = 130  # SIGINT (Ctrl-C) or SIGHUP (the terminal closed); `oomguard run --run-dir D` resumes
 

@@ -48,6 +48,10 @@ class Event(str, enum.Enum):
     CHILD_START = "child_start"
     NOTIFICATION = "notification"
     ON_END = "on_end"
+    # supervisor: several nodes agreeing through the shared run dir (issue 20, supervisor/cluster.py)
+    NODE_PLAN = "node_plan"
+    NODE_VERDICT = "node_verdict"
+    NODE_LOST = "node_lost"
     # supervisor: checkpoints and the recipe seen in the child
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
     CHECKPOINT_FOREIGN = "checkpoint_foreign"
@@ -188,6 +192,12 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
     (Event.NOTIFICATION, _S, "kind:str target:str ok:bool status:int|None error:str|None",
      "a --notify POST (kind end|recovery; target: scheme://host/ only, the URL's path is a secret)"),
     (Event.ON_END, _S, "exit_code:int|None ok:bool seconds:num error:str|None", "the --on-end command ran"),
+    (Event.NODE_PLAN, _S, "job_attempt:int node:int nodes:int leader:bool knobs:dict resume_from:str|None",
+     "a node's attempt runs the leader's plan for this attempt of the job (the leader published it)"),
+    (Event.NODE_VERDICT, _S, "job_attempt:int node:int outcome:str exit_code:int|None root_cause:str|None "
+     "resume_from?:str|None note?:str|None", "the leader's verdict on an attempt of the job (retry | abandoned | end)"),
+    (Event.NODE_LOST, _S, "job_attempt:int node:int lost:int why:str",
+     "another node's supervisor is gone or never came: this node's supervisor ends (exit 7)"),
     (Event.CHECKPOINT_SKIPPED, _S, f"path:str {_STEP_OR_NONE} problems:list", "an incomplete checkpoint"),
     (Event.CHECKPOINT_FOREIGN, _S, f"path:str {_STEP_OR_NONE} why:str", "another run's checkpoint, left alone"),
     (Event.CHECKPOINT_MOVED_ASIDE, _S, f"path:str {_STEP_OR_NONE} moved_to:str|None why?:str error?:str",

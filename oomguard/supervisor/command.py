@@ -32,8 +32,8 @@ from ..knobs import (
     spec,
 )
 
-__all__ = ["BuiltCommand", "build_command", "flags_in_command", "knobs_in_command", "output_dir_of",
-           "read_flag", "world_size_of", "RESUME_FLAGS", "OUTPUT_DIR_FLAGS"]
+__all__ = ["BuiltCommand", "build_command", "flags_in_command", "knobs_in_command", "node_count_of", "node_rank_of",
+           "output_dir_of", "read_flag", "world_size_of", "RESUME_FLAGS", "OUTPUT_DIR_FLAGS"]
 
 RESUME_KNOB = "resume_from_checkpoint"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -284,6 +284,9 @@ def build_command(argv: Sequence[str], orders: Mapping[str, Any],
 TORCHRUN_NPROC_FLAGS = ("--nproc_per_node", "--nproc-per-node")
 TORCHRUN_NNODES_FLAGS = ("--nnodes",)
 ACCELERATE_NPROC_FLAGS = ("--num_processes", "--num-processes")
+TORCHRUN_NODE_RANK_FLAGS = ("--node_rank", "--node-rank")
+ACCELERATE_NNODES_FLAGS = ("--num_machines", "--num-machines")
+ACCELERATE_NODE_RANK_FLAGS = ("--machine_rank", "--machine-rank")
 
 
 def _count(raw: str | None) -> int | None:
@@ -294,17 +297,31 @@ def _count(raw: str | None) -> int | None:
     return int(top) if top.isdigit() and int(top) > 0 else None
 
 
-def world_size_of(argv: Sequence[str]) -> int:
+def world_size_of(argv: Sequence[str], nnodes: int | None = None) -> int:
     """Processes a launcher starts over all nodes, 1 for a plain command.
 
-    torchrun's ``--nproc_per_node`` is per node (× ``--nnodes``); accelerate's ``--num_processes``
+    torchrun's ``--nproc_per_node`` is per node (× ``--nnodes``, else ``nnodes``: the count a
+    multi-node run knows from elsewhere, torchrun's ``PET_NNODES``); accelerate's ``--num_processes``
     is already the total over ``--num_machines`` (accelerate divides it per machine). A value
     oomguard cannot count (``--nproc_per_node gpu``/``auto``, a config file) reads as 1.
     """
     torchrun = _count(read_flag(argv, TORCHRUN_NPROC_FLAGS))
     if torchrun is not None:
-        return torchrun * (_count(read_flag(argv, TORCHRUN_NNODES_FLAGS)) or 1)
+        return torchrun * (_count(read_flag(argv, TORCHRUN_NNODES_FLAGS)) or nnodes or 1)
     return _count(read_flag(argv, ACCELERATE_NPROC_FLAGS)) or 1
+
+
+def node_count_of(argv: Sequence[str]) -> str | None:
+    """The node count a launcher's own flags state, as written (torchrun ``--nnodes 2`` or ``1:4``,
+    accelerate ``--num_machines 2``), or None."""
+    return read_flag(argv, TORCHRUN_NNODES_FLAGS) or read_flag(argv, ACCELERATE_NNODES_FLAGS)
+
+
+def node_rank_of(argv: Sequence[str]) -> str | None:
+    """This node's rank as the launcher's flags state it (torchrun ``--node-rank``, accelerate
+    ``--machine_rank``), as written, or None. torchrun's c10d rendezvous ignores it for the ranks it
+    assigns; oomguard uses it to know which node's supervisor it is."""
+    return read_flag(argv, TORCHRUN_NODE_RANK_FLAGS) or read_flag(argv, ACCELERATE_NODE_RANK_FLAGS)
 
 
 def output_dir_of(argv: Sequence[str]) -> str | None:

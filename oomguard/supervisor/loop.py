@@ -20,6 +20,7 @@ from ..errors import ExitCode
 from ..policy import Decision, DecisionAction, GiveUpReason, decide
 from ..protocol import Event, ResumeMode, RunStatus
 from .attempt import Plan, child_env, finish_attempt, start_attempt, watch_of
+from .cluster import Cluster
 from .console import say as console_say
 from .evidence import gather_evidence
 from .gpu import wait_gpu_released
@@ -78,10 +79,13 @@ class ChildLauncher(Protocol):
 
 
 class _Run:
-    """One supervision: the spec, its journal, the stop flag and the two seams."""
+    """One supervision: the spec, its journal, the stop flag and the two seams; ``cluster`` this node's
+    side of a multi-node job's agreement (``cluster.py``), None for one node."""
 
-    def __init__(self, spec: RunSpec, journal: Journal, stop: StopFlag, launch: ChildLauncher, clock: Clock):
+    def __init__(self, spec: RunSpec, journal: Journal, stop: StopFlag, launch: ChildLauncher, clock: Clock,
+                 cluster: "Cluster | None" = None):
         self.spec, self.journal, self.stop, self.launch, self.clock = spec, journal, stop, launch, clock
+        self.cluster = cluster
 
 
 def supervise(spec: RunSpec, *, launch: ChildLauncher = run_child, clock: Clock = SYSTEM_CLOCK) -> ExitCode:
@@ -93,16 +97,28 @@ def supervise(spec: RunSpec, *, launch: ChildLauncher = run_child, clock: Clock 
         from .process import handle_stop_signals, tolerate_gone_output  # here: the module's imports are shared
 
         stop = StopFlag()
+        cluster = Cluster(spec.node, spec.node_timeout_s, clock) if spec.node is not None else None
+        code: ExitCode | None = None
         # SIGINT/SIGTERM/SIGHUP stop the run (the child saves); a closed stderr (EPIPE) never ends it
         with handle_stop_signals(stop), tolerate_gone_output():
-            run = _Run(spec, journal, stop, launch, clock)
+            run = _Run(spec, journal, stop, launch, clock, cluster)
             try:
-                return _loop(run)
+                if cluster is not None:
+                    cluster.start()
+                code = _loop(run)
             except OSError as exc:  # the run dir stopped taking writes (disk full, remounted read-only)
-                return _run_dir_failed(run, exc)
+                code = _run_dir_failed(run, exc)
+            finally:
+                if cluster is not None:
+                    cluster.close(int(code) if code is not None else None)
+            return code
 
 
 def _loop(run: _Run) -> ExitCode:
+    if run.cluster is not None:  # one node of several: the leader decides, the others follow
+        from .node_loop import node_loop
+
+        return node_loop(run)
     plan = _continuation(run)
     if isinstance(plan, Decision):
         return _give_up(run, plan)
@@ -156,16 +172,24 @@ def _carry_out(run: _Run, decision: Decision, resume_from: str | None) -> Plan:
                 decision.rewarm_steps if resume_from else 0)
 
 
-def _launch(run: _Run, attempt: AttemptRecord, mode: ResumeMode) -> ChildOutcome:
-    """The attempt's child, run to its end through the launcher seam; its pid journaled as it starts."""
+def _launch(run: _Run, attempt: AttemptRecord, mode: ResumeMode, stop: StopFlag | None = None,
+            also: Callable[[], None] | None = None) -> ChildOutcome:
+    """The attempt's child, run to its end through the launcher seam; its pid journaled as it starts.
+    ``stop``/``also``: a multi-node run's flag (the other nodes can stop it too) and per-poll watch."""
     def started(pid: int) -> None:
         attempt.pid, attempt.pid_started = pid, process_started(pid)
         run.journal.save()
 
+    progress = ProgressTail(run.journal, attempt.n, True).tick  # oomguard's line, under -q too
+
+    def tick() -> None:
+        progress()
+        if also is not None:
+            also()
+
     return run.launch(attempt.command, child_env(run.spec, run.journal, attempt, mode),
-                      run.journal.attempt_dir(attempt.n), watch_of(run.spec), run.stop,
-                      ProgressTail(run.journal, attempt.n, True).tick,  # oomguard's line, under -q too
-                      on_start=started)
+                      run.journal.attempt_dir(attempt.n), watch_of(run.spec), stop or run.stop,
+                      tick if also is not None else progress, on_start=started)
 
 
 def _decide(run: _Run) -> Decision:
@@ -216,9 +240,14 @@ def _between_attempts(run: _Run, outcome: ChildOutcome, decision: Decision) -> N
 def _stopped_through_the_child(run: _Run, attempt: AttemptRecord, outcome: ChildOutcome) -> ChildOutcome:
     """A scheduler may signal every process of the job (a SLURM job step, a container) and the child's
     guard save and exit before the supervisor hears anything: its ``shutdown_saved`` (reason "received
-    SIGx") makes the attempt interrupted by that signal, not a crash to retry."""
+    SIGx") makes the attempt interrupted by that signal, not a crash to retry; so does a child killed by
+    the very signal the supervisor got."""
     if outcome.interrupted_by is not None:
         return outcome
+    if run.stop.is_set and outcome.signal is not None and outcome.signal == run.stop.signum:
+        # the same signal reached the child (SLURM signals every process of a step) and ended it before
+        # its handlers were up (torchrun's agent has none for SIGUSR1 by default): not a crash to retry
+        return dataclasses.replace(outcome, interrupted_by=run.stop.signum)
     names = {f"received {s.name}": s for s in STOP_SIGNALS}
     for e in reversed(run.journal.events()):
         if e.get("event") == Event.SHUTDOWN_SAVED and e.get("time", 0) >= attempt.started \

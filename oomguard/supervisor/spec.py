@@ -17,6 +17,7 @@ from .command import knobs_in_command, output_dir_of, world_size_of
 from .console import say as console_say
 from .gpu import detect_gpu, emulated_gpu
 from .launch import is_builtin_recipe
+from .nodes import NodeRole
 from .process import exec_problem
 
 __all__ = ["MIN_FREE_BYTES", "Recovery", "RecoveryHook", "RunSpec", "build_spec", "check_run_dir", "first_orders",
@@ -74,6 +75,8 @@ class RunSpec:
     warm_spare: bool = False  # keep a pre-imported interpreter for the next attempt (supervisor/spare.py)
     # called after each recovery decision is journaled (a notifier); an exception from it is logged, never fatal
     on_recovery: RecoveryHook | None = None
+    node: NodeRole | None = None  # this node's place in a job of several (supervisor/nodes.py); None: one node
+    node_timeout_s: float = 300.0  # how long to wait for another node's supervisor before ExitCode.NODE_LOST
 
 
 def policy_knobs(policy: Policy) -> dict[str, Any]:
@@ -214,8 +217,10 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                checkpoint_dir: Path | None = None, vram_limit: str | None = None,
                inject: str | None = None, echo: bool = True, start_from_policy: bool = False,
                on_recovery: RecoveryHook | None = None, verbose: bool = False,
-               warm_spare: bool = False) -> RunSpec:
+               warm_spare: bool = False, node: NodeRole | None = None, node_timeout_s: float = 300.0) -> RunSpec:
     _check_options(vram_limit, inject)
+    if node is not None and not node_timeout_s > 0:
+        raise UsageError(f"--node-timeout {node_timeout_s:g}: give the seconds to wait for another node (> 0)")
     cmd = _check_command(command)
     check_run_dir(run_dir)
     _check_checkpoint_dir(checkpoint_dir)
@@ -227,9 +232,10 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
     return RunSpec(command=cmd, policy=policy, run_dir=run_dir, checkpoint_dir=Path(out).absolute() if out else None,
                    requested=knobs_in_command(cmd, knobs=names, extra_flags=extra),
                    orders=first_orders(policy, cmd, extra, start), extra_flags=extra,
-                   world_size=world_size_of(cmd), gpu=gpu, vram_limit=vram_limit, inject=inject, echo=echo,
+                   world_size=world_size_of(cmd, node.count if node else None), gpu=gpu, vram_limit=vram_limit,
+                   inject=inject, echo=echo,
                    verbose=verbose, redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start,
-                   on_recovery=on_recovery, warm_spare=warm_spare)
+                   on_recovery=on_recovery, warm_spare=warm_spare, node=node, node_timeout_s=node_timeout_s)
 
 
 def say(spec: RunSpec, text: str) -> None:
