@@ -38,7 +38,8 @@ def data_dir(tmp_path_factory) -> Path:
 # worker, and a long file started last is the run's tail. Longest first shortens the wall time; the order
 # of everything else is pytest's own. (This hook sees the whole session's items, whichever conftest holds it.)
 LONGEST_FIRST = ("integration/test_wrap_matrix.py", "integration/test_nodes.py", "integration/test_reliability.py",
-                 "compat/test_compat_trl.py", "integration/test_slurm_sbatch.py", "integration/test_stop_agreement.py",
+                 "compat/test_compat_trl.py", "integration/test_slurm_sbatch.py", "integration/test_culprit_batches.py",
+                 "integration/test_stop_agreement.py",
                  "integration/test_wrap_commands.py", "integration/test_resume_wrapped.py",
                  "integration/test_lr_in_force.py", "integration/test_distributed.py", "integration/test_nan_skip.py",
                  "integration/test_resume_integrity.py", "integration/test_spare_training.py")
