@@ -90,7 +90,9 @@ def run(ctx: typer.Context,
                                              "default: chosen for this GPU."),
         run_dir: Optional[Path] = typer.Option(None, help="Run directory (new, empty, or an earlier run to continue)."),
         vram_limit: Optional[str] = typer.Option(None, help="Emulate a smaller card, e.g. 24GiB."),
-        inject: Optional[str] = typer.Option(None, help="Faults for the child, e.g. 'cuda_oom@step=5;nan@step=9'."),
+        inject: Optional[str] = typer.Option(None, help="Faults for the child, e.g. 'cuda_oom@step=5;nan@step=9'; "
+                                             "data-dependent: 'cuda_oom@tokens=N' (any micro-batch over N tokens), "
+                                             "'nan@row=R' (any micro-batch holding row R)."),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="Where the child writes checkpoint-N "
                                                       "(default: its --output_dir)."),
         start_from_policy: bool = typer.Option(False, help="Attempt 1 takes the policy's knobs where the command sets "

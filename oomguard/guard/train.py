@@ -139,7 +139,8 @@ def guarded_train(trainer, *, env: GuardEnv, resume_from_checkpoint: str | bool 
     (False: no checkpoint).
 
     On failure: free memory, emergency-save after a forward/backward or eval OOM (rank 0),
-    write the error record, print the traceback to stderr and ``sys.exit(1)``.
+    write the error record, print the traceback to stderr and exit 1 (``GuardExit``, a ``SystemExit(1)``:
+    the fast exit of ``bootstrap/fast_exit.py``).
     ``train_fn(resume_from_checkpoint=...)`` replaces ``trainer.train`` (the bootstrap passes the
     unpatched method, so a user's own ``trainer.train()`` call runs under the same guard).
     """
