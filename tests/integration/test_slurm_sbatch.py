@@ -6,7 +6,9 @@ end → oomguard exits 75 → the template's ``scontrol requeue`` → SLURM runs
 (the last checkpoint's ``trainer_state.json``).
 
 A second test runs ``scripts/slurm/oomguard-nodes.sbatch`` on two SLURM nodes on this machine (two slurmd,
-each in a UTS namespace of its own), one oomguard per node through srun.
+each in a UTS namespace of its own), one oomguard per node through srun. It waits ~80 s for SLURM's
+signal, so it runs only with ``OOMGUARD_SLURM_NODES=1`` (passed on this machine, 2026-12-01, 75-88 s);
+CI runs the one-node test and the two-node agreement without SLURM (tests/integration/test_nodes.py).
 
 Skipped unless the daemons are installed and we are root; under CI that fails instead (CI: ``apt-get install -y --no-install-recommends
 slurmctld slurmd slurm-client munge``, ~10 s). SLURM holds a requeued batch job back for the credential
@@ -169,6 +171,9 @@ def _events(run_dir: Path, name: str) -> list[dict]:
     return [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines()) if e["event"] == name]
 
 
+@pytest.mark.skipif(os.environ.get("OOMGUARD_SLURM_NODES") != "1",
+                    reason="the two-node SLURM job takes ~80 s of waiting for SLURM's signal: set OOMGUARD_SLURM_NODES=1 "
+                           "(CI runs the one-node sbatch test and tests/integration/test_nodes.py)")
 def test_two_nodes_through_srun_save_on_the_signal_requeue_and_continue_together(slurm2, tmp_path):
     """scripts/slurm/oomguard-nodes.sbatch on a 2-node cluster (n1, n2 on this machine): one oomguard per node
     through srun, each running torchrun (1 rank per node, c10d, gloo on loopback). SLURM's --signal=USR1 reaches
