@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..policy import Limits
 from ..protocol import atomic_write_json
 from .nodes import NodeRole, node_dir_name
 from .process import StopFlag
@@ -37,7 +38,9 @@ from .process import StopFlag
 __all__ = ["BEAT_S", "PEER_STOP_S", "Cluster", "NodeEnd", "NodePlan", "PeerStop", "Verdict", "common_checkpoint"]
 
 BEAT_S = 1.0  # seconds between a supervisor's beats
-PEER_STOP_S = 15.0  # another node's part failed: ours is stopped if it still runs this long after
+# another node's part failed: ours is stopped if it still runs this long after (the policy's
+# limits.failed_rank_linger_s, the same rule as for a rank whose peer recorded its failure)
+PEER_STOP_S = Limits().failed_rank_linger_s
 WAIT_POLL_S = 0.2
 
 

@@ -97,7 +97,8 @@ def supervise(spec: RunSpec, *, launch: ChildLauncher = run_child, clock: Clock 
         from .process import handle_stop_signals, tolerate_gone_output  # here: the module's imports are shared
 
         stop = StopFlag()
-        cluster = Cluster(spec.node, spec.node_timeout_s, clock) if spec.node is not None else None
+        cluster = Cluster(spec.node, spec.node_timeout_s, clock, peer_stop_s=spec.policy.limits.failed_rank_linger_s) \
+            if spec.node is not None else None
         code: ExitCode | None = None
         # SIGINT/SIGTERM/SIGHUP stop the run (the child saves); a closed stderr (EPIPE) never ends it
         with handle_stop_signals(stop), tolerate_gone_output():

@@ -8,7 +8,7 @@ records (the root-cause rank, wherever it ran) → ``policy.decide()`` → the c
 node → publish the verdict and the next plan. Follower: wait for the live leader's plan → run its part
 with the plan's knobs and checkpoint → say it ended → wait for the verdict → end as the job ends, or
 take the next plan. Each node stops its own part when another node's part failed (after
-``cluster.PEER_STOP_S``; the c10d rendezvous usually ends it first), and a node whose peer is gone past
+``limits.failed_rank_linger_s``; the c10d rendezvous usually ends it first), and a node whose peer is gone past
 ``--node-timeout`` ends with ``ExitCode.NODE_LOST`` and says which node and how to go on.
 """
 

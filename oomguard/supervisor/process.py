@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import psutil
 
-from ..protocol import ENV_ERROR_FILE, ENV_RUN_DIR, STDERR_LOG, STDOUT_LOG, read_error_records
+from ..protocol import ENV_ERROR_FILE, ENV_RUN_DIR, STDERR_LOG, STDOUT_LOG, ErrorRecord, read_error_records
 from .console import TracebackCondenser, divert_gone_output, note_child_output, say, tolerate_gone_output
 from .console import divert as _divert
 from .progress import HeartbeatClock
@@ -356,7 +356,7 @@ class _Watching:
     hung: dict[int, float] | None = None
     interrupted: int | None = None
     error_file: Path | None = None  # this attempt's error record (every rank's sits beside it)
-    failed_at: float | None = None  # the wall time of the first rank's error record
+    first_record: ErrorRecord | None = None  # the first rank's error record (its time starts the linger)
     lingered: str | None = None
 
 
@@ -389,15 +389,14 @@ def _lingering_after_failure(seen: _Watching, linger_s: float, beating: set[int]
     peer to wait for, and its own exit may be slow for a reason (a tracker uploading at exit)."""
     if seen.error_file is None or seen.lingered is not None:
         return None
-    if seen.failed_at is None:
+    if seen.first_record is None:
         records = read_error_records(seen.error_file)
         if not records or not (len(beating) > 1 or any(r.rank > 0 for r in records)):
             return None
-        seen.failed_at = records[0].time
-    waited = (time.time() if now is None else now) - seen.failed_at
-    if waited < linger_s:
+        seen.first_record = records[0]
+    first = seen.first_record
+    if (time.time() if now is None else now) - first.time < linger_s:
         return None
-    first = read_error_records(seen.error_file)[0]
     return (f"rank {first.rank} recorded {first.kind.value} and the attempt had not ended {linger_s:g} s later "
             "(a rank blocked in a collective for it waits out its timeout): stopped what was left of it")
 

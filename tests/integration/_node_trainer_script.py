@@ -12,14 +12,12 @@ Usage: python _node_trainer_script.py OUTPUT_DIR MAX_STEPS
 
 import json
 import os
-import random
 import sys
 import time
 
 import torch
+from _wrap_trainer_script import VOCAB, rows  # the same 64 rows of 16 tokens (this dir is on sys.path)
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-VOCAB = 128
 
 
 class RecordingTrainer(Trainer):
@@ -47,15 +45,6 @@ class Record(TrainerCallback):
         self.trainer.pending = []
         if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
             time.sleep(float(os.environ.get("NODE_STEP_S", "0")))
-
-
-def rows(n: int = 64) -> list[dict]:
-    rng = random.Random(0)
-    out = []
-    for _ in range(n):
-        ids = [rng.randrange(1, VOCAB) for _ in range(16)]
-        out.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)})
-    return out
 
 
 def main(output_dir: str, max_steps: int) -> None:

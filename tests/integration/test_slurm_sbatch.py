@@ -131,6 +131,21 @@ def _job(env: dict, job: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in text.split() if "=" in w)
 
 
+def _wait_for_completion(slurm: dict, job: str, log: Path, timeout_s: float) -> None:
+    """Until the job is COMPLETED (FAILED shows for a moment while the requeue takes effect: the batch
+    script exits 75 after it); a requeued job keeps its time limit, and SLURM's warning would come again,
+    so the rerun's limit is raised once it is pending."""
+    deadline, moved, seen = time.monotonic() + timeout_s, False, []
+    while (state := _job(slurm, job)).get("JobState") != "COMPLETED":
+        if not seen or seen[-1] != (state.get("JobState"), state.get("Restarts")):
+            seen.append((state.get("JobState"), state.get("Restarts")))
+        assert time.monotonic() < deadline, (seen, log.read_text(errors="replace")[-4000:] if log.exists() else "no log")
+        if state.get("JobState") == "PENDING" and state.get("Restarts") == "1" and not moved:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=slurm, check=True)
+            moved = True
+        time.sleep(0.5)
+
+
 def test_sbatch_with_a_time_limit_signal_saves_requeues_and_the_requeued_job_finishes(slurm, tmp_path):
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "job.out"
     env = {**slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -142,18 +157,7 @@ def test_sbatch_with_a_time_limit_signal_saves_requeues_and_the_requeued_job_fin
          f"--chdir={ROOT}", str(TEMPLATE), "--", sys.executable, str(HERE / "_node_trainer_script.py"), str(out),
          str(STEPS)], env=env, capture_output=True, text=True, check=True)
     job = submitted.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 240
-    moved, seen = False, []
-    while (state := _job(slurm, job)).get("JobState") != "COMPLETED":
-        # FAILED shows for a moment while the requeue takes effect (the batch script exits 75 after it)
-        if not seen or seen[-1] != (state.get("JobState"), state.get("Restarts")):
-            seen.append((state.get("JobState"), state.get("Restarts")))
-        assert time.monotonic() < deadline, (seen, log.read_text(errors="replace")[-4000:] if log.exists() else "no log")
-        if state.get("JobState") == "PENDING" and state.get("Restarts") == "1" and not moved:
-            # time to finish: a requeued job keeps its limit, and SLURM's warning would come again
-            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=slurm, check=True)
-            moved = True
-        time.sleep(0.5)
+    _wait_for_completion(slurm, job, log, 240)
     text = log.read_text(errors="replace")
     assert "requeueing job" in text and _job(slurm, job)["Restarts"] == "1", text[-4000:]
     ended = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
@@ -192,16 +196,7 @@ def test_two_nodes_through_srun_save_on_the_signal_requeue_and_continue_together
          f"--chdir={ROOT}", str(NODES_TEMPLATE), "--", str(HERE / "_node_trainer_script.py"), str(out),
          str(STEPS + 100)], env=env, capture_output=True, text=True, check=True)
     job = submitted.stdout.strip().split(";")[0]
-    deadline, moved, seen = time.monotonic() + 300, False, []
-    while (state := _job(slurm2, job)).get("JobState") != "COMPLETED":
-        if not seen or seen[-1] != (state.get("JobState"), state.get("Restarts")):
-            seen.append((state.get("JobState"), state.get("Restarts")))
-        assert time.monotonic() < deadline, (seen, log.read_text(errors="replace")[-4000:] if log.exists() else "no log")
-        if state.get("JobState") == "PENDING" and state.get("Restarts") == "1" and not moved:
-            # time to finish: a requeued job keeps its limit, and SLURM's warning would come again
-            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=slurm2, check=True)
-            moved = True
-        time.sleep(0.5)
+    _wait_for_completion(slurm2, job, log, 300)
     text = log.read_text(errors="replace")
     assert "requeueing job" in text and _job(slurm2, job)["Restarts"] == "1", text[-4000:]
     total = STEPS + 100
