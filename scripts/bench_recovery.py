@@ -41,7 +41,8 @@ from oomguard.protocol import read_jsonl  # noqa: E402
 
 POLICIES = ROOT / "oomguard" / "policies"
 WAYS = ("oomguard", "plain", "auto")  # run order: the one under test first
-# also: "plain_es" = plain with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the allocator
+# also: "clean" = plain from scratch at the learning rate the oomguard way ended with (issue 19 b);
+# "plain_es" = plain with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the allocator
 # setting oomguard gives its child (separates that effect from the ladder's)
 ES = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
@@ -82,6 +83,10 @@ SCENARIOS = {s.name: s for s in (
              leak=True, max_steps=30, save_steps=10),
     Scenario("nan", "24 GiB card, fp16, learning rate 3000 (a typo for 3e-4)", "24GiB", "rtx-24gb", 1024, 2,
              precision="fp16", learning_rate=3000.0, max_steps=10, save_steps=2),
+    # issue 19 (b): a learning rate 100x the QLoRA default that trains, then diverges; the "clean" way runs
+    # the same script from scratch at the learning rate oomguard recovered to, for the loss to compare
+    Scenario("lr100", "24 GiB card, bf16, learning rate 2e-2 (100x QLoRA's 2e-4)", "24GiB", "rtx-24gb", 1024, 2,
+             learning_rate=2e-2, max_steps=40, save_steps=4, timeout_s=600),
 )}
 
 
@@ -104,7 +109,7 @@ def user_args(s: Scenario, model: str, data: Path, out: Path, events: Path) -> l
 def command(way: str, s: Scenario, model: str, data: Path, work: Path, inject: str | None) -> list[str]:
     py = sys.executable
     script = [py, str(HERE / "bench_train.py"), *user_args(s, model, data, work / "out", work / "events.jsonl")]
-    if way in ("plain", "plain_es"):
+    if way in ("plain", "plain_es", "clean"):
         return [*script, "--vram_limit", s.cap]
     if way == "auto":
         return [*script, "--vram_limit", s.cap, "--auto_find_batch_size"]
@@ -149,7 +154,7 @@ def measure(way: str, s: Scenario, work: Path) -> dict:
     ends = [e for e in ev if e["event"] == "end"]
     last_end = ends[-1] if ends else {}
     final = {"per_device_train_batch_size": s.batch, "gradient_accumulation_steps": s.accum,
-             "max_seq_length": s.seq, "lora_r": 16, "precision": s.precision}
+             "max_seq_length": s.seq, "lora_r": 16, "precision": s.precision, "learning_rate": s.learning_rate}
     out: dict = {"errors": [e.get("error") for e in ends if not e.get("ok")]}
     if way == "auto" and begins:
         final["per_device_train_batch_size"] = begins[-1]["batch"]
@@ -172,7 +177,10 @@ def measure(way: str, s: Scenario, work: Path) -> dict:
         out["crashed_at_step"] = max((e["step"] for e in steps), default=0)
     final["effective_batch"] = final["per_device_train_batch_size"] * final["gradient_accumulation_steps"]
     done = max((e["step"] for e in steps), default=0)
-    out.update(final=final, final_step=done, losses=[e["loss"] for e in ev if e["event"] == "loss"][-3:],
+    logged = [e["loss"] for e in ev if e["event"] == "loss"]
+    tail = [x for x in logged[-5:] if isinstance(x, (int, float)) and x == x and abs(x) != float("inf")]
+    out["loss_tail_mean"] = round(sum(tail) / len(tail), 4) if tail else None  # mean of the last 5 logged
+    out.update(final=final, final_step=done, losses=logged[-3:],
                weights_finite=last_end.get("weights_finite"), tokens_per_s_in_run=_run_tps(steps),
                step_peak_allocated_gib=_peak(steps))
     # the logged loss hides NaN (logging_nan_inf_filter); count the raw non-finite micro-batch losses
@@ -228,7 +236,14 @@ def run_scenarios(args) -> None:
             if args.deadline and time.time() > args.deadline:
                 entry["ways"][way] = {"way": way, "skipped": "deadline (GPU time) passed before it started"}
                 continue
-            r = run_way(way, s, args.model, data, work / name / way, args.inject)
+            ran = s
+            if way == "clean":  # from scratch at the learning rate oomguard ended with (none: nothing to compare)
+                lr = entry["ways"].get("oomguard", {}).get("final", {}).get("learning_rate")
+                if lr is None or lr == s.learning_rate:
+                    entry["ways"][way] = {"way": way, "skipped": f"oomguard's final learning rate is {lr}"}
+                    continue
+                ran = dataclasses.replace(s, learning_rate=float(lr))
+            r = run_way(way, ran, args.model, data, work / name / way, args.inject)
             r["truncated_share"] = round(bench_common.truncation_share(lengths, r["final"]["max_seq_length"]), 4)
             entry["ways"][way] = r
             out.write_text(json.dumps(results, indent=1))  # after every way: a timeout keeps what ran

@@ -147,9 +147,13 @@ def judge_oom(attempts: Sequence[AttemptView], profile: DataProfile | None = Non
     return Verdict(True, words, step=flight.step, factor=factor)
 
 
-def judge_nan(attempts: Sequence[AttemptView]) -> Verdict:
+def judge_nan(attempts: Sequence[AttemptView], streak: int = 2) -> Verdict:
     """Whether the last attempt's non-finite loss belongs to its rows: the same step and rows failed in the
-    attempt before, and the last attempt rolled back to before that step."""
+    attempt before, and the last attempt rolled back to before that step. ``streak``: NaN attempts in a row,
+    each right after its rollback (``decision``'s count). When every micro-batch of the step was non-finite,
+    the rows are blamed only for a streak of 2 (a first NaN after healthy training, then the same rows again):
+    past that, the weights at the rollback point are the suspect (a learning rate off by a factor leaves
+    finite but ruined weights in every checkpoint it wrote; H200, 2026-12-01)."""
     last = attempts[-1]
     flight = last.in_flight
     if flight is None or flight.kind != "nan":
@@ -163,6 +167,10 @@ def judge_nan(attempts: Sequence[AttemptView]) -> Verdict:
         return Verdict(False, f"step {flight.step} failed again without a rollback before it")
     bad = tuple(sorted({r for m in flight.micro_batches if m.finite is False for r in m.rows}))
     rows = bad or tuple(sorted(set(flight.rows)))
+    if len(rows) == len(set(flight.rows)) and streak > 2:
+        return Verdict(False, f"step {flight.step} failed again with the same rows, but all of them were non-finite "
+                              f"and the NaN came back right after each of {streak - 1} rollbacks in a row: the "
+                              "weights, not the rows", step=flight.step)
     which = "the micro-batch(es) whose loss was non-finite" if bad else "all of the step's rows"
     return Verdict(True, f"step {flight.step} diverged again with the same {len(flight.rows)} rows after a "
                          f"rollback: {which} ({len(rows)} rows) are the cause", step=flight.step, rows=rows)

@@ -249,10 +249,17 @@ def _on_resume_oom(ctx: _Context) -> Decision:
     return _retry(ctx, None, _newest(ctx.checkpoints), note=note)
 
 
+# Optimizer steps past both its resume point and the NaN before it that an attempt's clean checkpoint must
+# lie to end a NaN streak. A run whose learning rate is off by a factor trains a step or two from each
+# rollback before it overflows again; with a checkpoint every step, those checkpoints hold its finite but
+# ruined weights (H200, 2026-12-01: LR 3000 -> 3 -> 0.003 kept resuming from them and never finished).
+FRESH_STEPS = 10
+
+
 def _nan_streak(attempts: Sequence[AttemptView], checkpoints: Sequence[CheckpointInfo]) -> int:
     """How many attempts in a row, ending with the last, failed with a non-finite loss right
-    after their rollback. An attempt that trained past a clean checkpoint beyond both its resume
-    point and the previous NaN ends the streak: the walk-back restarts from that checkpoint."""
+    after their rollback. An attempt that trained past a clean checkpoint at least FRESH_STEPS beyond
+    both its resume point and the previous NaN ends the streak: the walk-back restarts from there."""
     nans: list[AttemptView] = []
     for a in reversed(attempts):
         if not (a.failure and a.failure.kind is FailureKind.NAN_LOSS):
@@ -260,7 +267,7 @@ def _nan_streak(attempts: Sequence[AttemptView], checkpoints: Sequence[Checkpoin
         nans.append(a)
     for streak, (a, before) in enumerate(zip(nans, nans[1:]), start=1):
         start = max(a.resumed_step or 0, before.failure.step or 0)
-        if a.failure.step is not None and any(start < c.step <= a.failure.step for c in checkpoints):
+        if a.failure.step is not None and any(start + FRESH_STEPS <= c.step <= a.failure.step for c in checkpoints):
             return streak
     return len(nans)
 
@@ -269,18 +276,21 @@ def _on_nan(ctx: _Context) -> Decision:
     step = ctx.failure.step
     clean = sorted((c for c in ctx.checkpoints if step is not None and c.step <= step),
                    key=lambda c: c.step, reverse=True)
-    verdict = judge_nan(ctx.attempts)
+    streak = _nan_streak(ctx.attempts, clean)
+    verdict = judge_nan(ctx.attempts, streak)
     if verdict.culprit:  # the rows, not the weights: no walk further back, no rung
         return _quarantine(ctx, verdict, clean[0] if clean else None)
     # A loss can stay finite for a few steps after the weights were already ruined (a huge
     # update, then overflow later): when NaN comes back right after a rollback, go back
     # further each time (1st, 2nd, 4th, 8th newest clean checkpoint, then from scratch).
-    back = 2 ** (_nan_streak(ctx.attempts, clean) - 1) - 1
+    back = 2 ** (streak - 1) - 1
     ckpt = clean[back] if back < len(clean) else None
     why = ("the failing step is unknown, so no checkpoint is known to be clean" if step is None
            else "the newest checkpoint at or before the last finite step" if back == 0
            else f"NaN again right after a rollback, so {back} checkpoint(s) further back"
            + ("" if ckpt else ": none left, starting from scratch"))
+    if verdict.step is not None:  # the same rows again, cleared: say why they are not quarantined
+        why = f"{verdict.why}; {why}"
     pick = ctx.pick(FailureKind.NAN_LOSS)
     if pick is None:
         return _retry(ctx, None, ckpt, note=f"no nan_loss rung left, retrying with the same knobs "

@@ -253,19 +253,53 @@ def test_repeated_nan_rolls_back_further_each_time():
 
 
 def test_nan_after_progress_past_a_clean_checkpoint_restarts_the_walk_back():
-    """Rollback to checkpoint-12 after a NaN at 14; the next attempt trains and saves checkpoint-16,
-    then NaNs at 18: that is a new NaN, so back to the newest clean checkpoint (16), not further."""
+    """Rollback to checkpoint-12 after a NaN at 14; the next attempt trains and saves checkpoint-24 (10 steps
+    past that NaN), then NaNs at 26: that is a new NaN, so back to the newest clean checkpoint (24), not further.
+    A checkpoint only 2 steps past it (16) is no such evidence: the walk-back goes on."""
     from oomguard.policy import AttemptView, CheckpointInfo, Failure, decide, load_policy_arg
     from oomguard.protocol import FailureKind
 
     policy = load_policy_arg("demo")
     knobs = policy.start_knobs()
-    ckpts = [CheckpointInfo(f"/c/checkpoint-{s}", s) for s in (4, 8, 12, 16)]
+    ckpts = [CheckpointInfo(f"/c/checkpoint-{s}", s) for s in (4, 8, 12, 16, 24)]
     first = AttemptView(1, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=14), 14)
-    again = AttemptView(2, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=18), 18, resumed_step=12)
-    assert decide(policy, [first, again], ckpts).resume_from == "/c/checkpoint-16"
+    again = AttemptView(2, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=26), 26, resumed_step=12)
+    assert decide(policy, [first, again], ckpts).resume_from == "/c/checkpoint-24"
+    soon = AttemptView(2, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=18), 18, resumed_step=12)
+    assert decide(policy, [first, soon], ckpts[:4]).resume_from == "/c/checkpoint-12"  # 2nd newest of 16, 12, …
     stuck = AttemptView(2, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=14), 14, resumed_step=12)
     assert decide(policy, [first, stuck], ckpts).resume_from == "/c/checkpoint-8"
+
+
+def test_a_diverging_learning_rate_walks_back_past_every_checkpoint_it_wrote():
+    """The H200 run of 2026-12-01 (fp16, LR 3000, a checkpoint every step): each attempt trained one step from
+    its rollback, wrote a finite but ruined checkpoint and overflowed again, the same 8 rows each time. The
+    walk-back must not restart from those checkpoints, and the rows are not blamed: from scratch, lower LR."""
+    from pathlib import Path
+
+    from oomguard.policy import AttemptView, CheckpointInfo, Failure, decide, load_policy
+    from oomguard.policy.records import InFlight, InFlightBatch
+    from oomguard.protocol import FailureKind
+
+    policy = load_policy(Path(__file__).parents[1] / "gpu" / "policies" / "gpu-test.yaml")
+    k1 = {**policy.start_knobs(), "learning_rate": 3000.0}
+    k2, k3 = {**k1, "precision": "bf16"}, {**k1, "precision": "bf16", "learning_rate": 3.0}
+    rows = {1: tuple(range(8)), 2: tuple(range(8, 16))}
+
+    def nan(n, knobs, step, resumed):  # NaN in optimizer step ``step + 1`` (its one micro-batch), ``step`` finite
+        flight = InFlight(step + 1, "nan", (InFlightBatch(rows[step], 8 * 256, False),))
+        return AttemptView(n, knobs, None, Failure(kind=FailureKind.NAN_LOSS, step=step), step,
+                           resumed_step=resumed, in_flight=flight)
+
+    ckpts = [CheckpointInfo(f"/c/checkpoint-{s}", s) for s in (1, 2)]
+    history = [nan(1, k1, 1, None), nan(2, k2, 2, 1)]
+    d = decide(policy, history, ckpts)
+    assert d.resume_from == "/c/checkpoint-1" and d.knobs["learning_rate"] == 3.0
+    history.append(nan(3, k3, 2, 1))  # LR 3 from checkpoint-1: the same step, the same rows, again
+    d = decide(policy, history, ckpts)
+    assert not d.culprit or not d.culprit.quarantine, d.reason
+    assert d.resume_from is None and d.knobs["learning_rate"] == pytest.approx(0.003), d.reason
+    assert "the weights, not the rows" in d.reason and "starting from scratch" in d.reason
 
 
 @pytest.mark.parametrize("name", ["rtx-24gb", "h100-80gb"])
