@@ -19,6 +19,8 @@ __all__ = ["apply", "BY_COMMAND", "field_names", "force_off_auto_find_batch_size
 
 # Knobs that live in the PEFT config, not the arguments (bootstrap/lora.py).
 LORA_KNOBS = (protocol.KNOB_LORA_R, protocol.KNOB_LORA_ALPHA)
+# Knobs the supervisor puts in the child's environment before torch starts: nothing to set here.
+ENV_ONLY = registry.ENV_KNOBS
 # How the supervisor's command editor says an order reached the command line.
 BY_COMMAND = (registry.Delivery.FLAG.value, registry.Delivery.PLACEHOLDER.value)
 
@@ -76,10 +78,12 @@ def plan(args: Any, orders: Mapping[str, Any], delivered: Mapping[str, str] | No
     changes: list[FieldEdit] = []
     skipped: list[KnobSkipped] = []
     for knob, value in orders.items():
-        if knob in LORA_KNOBS:
+        if knob in LORA_KNOBS or knob in ENV_ONLY:
             continue
         if knob == protocol.KNOB_PRECISION:
             found, why = _precision(args, names, str(value), delivered, cuda)
+        elif knob == registry.ACTIVATION_OFFLOAD:
+            found, why = _offload(args, names, bool(value), delivered)
         else:
             found, why = _plain(args, names, knob, value, delivered)
         changes += found
@@ -97,9 +101,51 @@ def _plain(args: Any, names: set[str], knob: str, value: Any, delivered) -> tupl
     out = []
     for name in fields:
         old = getattr(args, name)
-        new = type(old)(value) if isinstance(old, (int, float)) and not isinstance(old, bool) else value
+        new = _as_type_of(old, value)
         out.append(FieldEdit(knob, name, old, new, via(knob, old, new, delivered)))
     return out, ""
+
+
+def _as_type_of(old: Any, value: Any) -> Any:
+    """``value`` in the type of the field's ``old`` value: an int field stays int, a str enum (transformers'
+    ``OptimizerNames``) stays that enum where ``value`` is one of its members."""
+    if isinstance(old, (int, float)) and not isinstance(old, bool):
+        return type(old)(value)
+    if isinstance(old, enum.Enum) and isinstance(value, str):
+        try:
+            return type(old)(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _offload(args: Any, names: set[str], on: bool, delivered) -> tuple[list[FieldEdit], str]:
+    """``offload`` into the checkpointing kwargs, where this transformers reads it (>= 5.24): an older one
+    passes unknown keys on to ``torch.utils.checkpoint`` and fails."""
+    kwarg_fields = [f for f in registry.spec(registry.ACTIVATION_OFFLOAD).fields if f in names]
+    if not kwarg_fields:
+        return [], f"{type(args).__name__} has no activation/gradient checkpointing kwargs"
+    if on and not offload_supported():
+        return [], ("this transformers' Trainer does not read offload from the checkpointing kwargs (checked: "
+                    "5.24 does; 5.17's gradient_checkpointing_enable takes offload= but its Trainer was not "
+                    "checked to pass it); the saved activations stay on the GPU")
+    out = []
+    for name in kwarg_fields:
+        old = getattr(args, name)
+        new = {**(old if isinstance(old, dict) else {}), "offload": on}
+        out.append(FieldEdit(registry.ACTIVATION_OFFLOAD, name, old, new,
+                             via(registry.ACTIVATION_OFFLOAD, old, new, delivered)))
+    return out, ""
+
+
+def offload_supported() -> bool:
+    """transformers' ``activation_checkpointing_enable`` takes ``offload`` (5.24+)."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    enable = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
+    return enable is not None and "offload" in inspect.signature(enable).parameters
 
 
 def _precision(args: Any, names: set[str], value: str, delivered, cuda: bool) -> tuple[list[FieldEdit], str]:

@@ -19,6 +19,7 @@ import os
 from typing import Any, Iterable
 
 from oomguard import knobs as K
+from oomguard.guard import free_rungs
 from oomguard.protocol import STAGE_BUILT, STAGE_IN_FORCE
 
 log = logging.getLogger("oomguard.guard")
@@ -26,6 +27,7 @@ log = logging.getLogger("oomguard.guard")
 FIELD_OPTIMIZER = "optimizer"
 FIELD_DATALOADER = "dataloader"
 _SKIP_GENERIC = (K.PRECISION, K.LORA_R, K.LORA_ALPHA)
+
 _MISSING = object()
 
 
@@ -219,6 +221,7 @@ def _args_knobs(args: Any, extra_knobs: Iterable[str]) -> tuple[dict[str, Any], 
                     break
         except Exception:
             continue
+    free_rungs.args_knobs(args, knobs, fields)
     try:
         bf16, fp16 = _get(args, "bf16"), _get(args, "fp16")
         if bf16 is not _MISSING and fp16 is not _MISSING:
@@ -229,7 +232,7 @@ def _args_knobs(args: Any, extra_knobs: Iterable[str]) -> tuple[dict[str, Any], 
 
 
 def _in_force(args: Any, optimizer: Any, lr_scheduler: Any, train_dataloader: Any, knobs: dict[str, Any],
-              fields: dict[str, str]) -> dict[str, Any]:
+              fields: dict[str, str], model: Any = None) -> dict[str, Any]:
     """At train begin: the LR and batch the optimizer and dataloader really use (into ``knobs``);
     returns the payload's ``current_lr``."""
     try:
@@ -242,6 +245,7 @@ def _in_force(args: Any, optimizer: Any, lr_scheduler: Any, train_dataloader: An
         extra = {"current_lr": current_lr(optimizer)}
     except Exception:
         extra = {"current_lr": None}
+    free_rungs.in_force(model, optimizer, args, knobs, fields)
     try:
         bs = _dataloader_batch(train_dataloader, args)
         if bs is not None:
@@ -279,7 +283,7 @@ def observe(trainer: Any = None, *, args: Any = None, model: Any = None, optimiz
         lora = _read_lora(model, stage, knobs, fields) if model is not None else False
     except Exception:
         lora = False
-    payload_extra = _in_force(args, optimizer, lr_scheduler, train_dataloader, knobs, fields) \
+    payload_extra = _in_force(args, optimizer, lr_scheduler, train_dataloader, knobs, fields, model) \
         if stage == STAGE_IN_FORCE else {}
     ws = _number(_get(args, "world_size"))
     world_size = ws if isinstance(ws, int) and ws >= 1 else 1

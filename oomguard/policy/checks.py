@@ -13,6 +13,7 @@ from typing import Annotated, Any, Iterator
 
 from pydantic import TypeAdapter, ValidationError
 
+from oomguard import knobs as registry
 from oomguard.policy.ladder import apply_rung
 from oomguard.policy.schema import (
     Capabilities,
@@ -59,6 +60,7 @@ def check_sections(s: Sections) -> list[Problem]:
         if not bf16 and start[KNOB_PRECISION] == "bf16":
             problems.append(("knobs.precision", "precision bf16 but capabilities.bf16 is false "
                              "(this GPU class has no bf16) (got bf16, expected fp16 or fp32)"))
+        problems += _start_value_problems(start)
         if s.ladders is not None:
             problems += _ladders_problems(s.ladders, start, bf16)
         if s.flags is not None:
@@ -130,8 +132,40 @@ def _rung_problems(rung: Rung, start: dict[str, Any], bf16: bool) -> list[Proble
     return problems
 
 
+# The rungs that free memory without retraining differently (issue 18 item 6): their resume class is the
+# registry's, so a policy cannot call an optimizer change (quantized states, moments reset) "safe".
+FREE_RUNG_KNOBS = (registry.GRADIENT_CHECKPOINTING, registry.ACTIVATION_OFFLOAD, registry.OPTIM,
+                   registry.EXPANDABLE_SEGMENTS)
+
+
+def _start_value_problems(start: dict[str, Any]) -> Iterator[Problem]:
+    for knob, value in start.items():
+        why = registry.value_problem(knob, value)
+        if why:
+            yield f"knobs.{knob}", why
+
+
+def _free_rung_problems(rung: Rung) -> list[Problem]:
+    """A free rung is a ``set`` of a valid value, with the registry's resume class."""
+    knob = rung.knob
+    if knob not in FREE_RUNG_KNOBS:
+        return []
+    if not isinstance(rung, SetRung):
+        return [(".op", f"{knob} takes op set (got op {rung.op.value}, expected set)")]
+    why = registry.value_problem(knob, rung.value)
+    if why:
+        return [(".value", why)]
+    want = registry.spec(knob).resume.value
+    if rung.resume.value != want:
+        return [(".resume", f"a {knob} change resumes as {want} ({registry.spec(knob).doc or 'see the registry'}) "
+                 f"(got resume: {rung.resume.value}, expected resume: {want})")]
+    return []
+
+
 def _value_problems(rung: Rung, current: Any, bf16: bool) -> list[Problem]:
-    knob, out = rung.knob, []
+    knob, out = rung.knob, _free_rung_problems(rung)
+    if out:
+        return out
     if isinstance(rung, SetRung):
         out += _type_problems(".value", knob, rung.value, current)
         # exempt precision: a command's --fp16/--bf16 sets its start, and "bf16 on NaN" must

@@ -25,7 +25,8 @@ from oomguard.protocol.run_record import (
     SetAsideReason,
 )
 
-__all__ = ["AttemptView", "CheckpointInfo", "CulpritOrder", "DataProfile", "InFlight", "InFlightBatch", "Decision",
+__all__ = ["AttemptView", "CheckpointInfo", "CulpritOrder", "DataProfile", "GrowTarget", "InFlight", "MemoryPoint",
+           "InFlightBatch", "Decision",
            "DecisionAction", "DeviceCapabilities",
            "Evidence", "Failure", "GiveUpReason", "KnobChange", "ResumeClass", "ResumeMode", "RungRef", "SetAside",
            "SetAsideReason"]
@@ -115,6 +116,32 @@ class DataProfile:
             )
 
 
+
+
+@dataclass(frozen=True)
+class MemoryPoint:
+    """One journaled memory sample of the running attempt: the optimizer step, its allocated peak (bytes, as
+    torch reports; the step's own: peaks are reset per step) and the rank that measured it."""
+
+    step: int
+    peak: int
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class GrowTarget:
+    """A degrade grow back may undo (issue 18 item 5): the halve_batch rung ``rung`` applied before attempt
+    ``degraded``, and the knobs with the batch and accumulation from before it (``knobs``, ``changes``: the same
+    effective batch). ``grown``: grow-backs this run so far, ``allowed``: the policy's ``max_times``."""
+
+    rung: RungRef
+    degraded: int
+    knobs: Mapping[str, Any]
+    changes: tuple[KnobChange, ...]
+    effective_batch: int
+    grown: int
+    allowed: int
+    culprit: CulpritOrder | None = None  # the quarantined rows carried over (split steps do not survive a new batch)
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from oomguard.protocol import (
     FailureKind,
 )
 
-__all__ = ["Backoff", "CORE_KNOB_ORDER", "Capabilities", "FlagNames", "FlagSpec", "HalveBatchRung", "KnobValue",
-           "Knobs", "Ladder", "Ladders", "Limits", "LrRule", "Match", "MemoryRange", "Number", "Policy", "Precision",
-           "QuantileStepRung", "Rung", "RungOp", "ScaleRung", "SetRung", "StepDownRung"]
+__all__ = ["Backoff", "CORE_KNOB_ORDER", "Capabilities", "FlagNames", "FlagSpec", "GrowBack", "HalveBatchRung",
+           "KnobValue", "Knobs", "Ladder", "Ladders", "Limits", "LrRule", "Match", "MemoryRange", "Number", "Policy",
+           "Precision", "QuantileStepRung", "Rung", "RungOp", "ScaleRung", "SetRung", "StepDownRung"]
 
 KnobValue = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 Number = Union[StrictInt, StrictFloat]
@@ -168,6 +168,21 @@ class Backoff(_Strict):
     max_s: Annotated[Number, Field(ge=0)] = 300
 
 
+class GrowBack(_Strict):
+    """Issue 18 item 5: after a resume-safe batch rung (``halve_batch``), return to the batch before it when
+    memory stays low, at the next checkpoint, with the same effective batch (``policy/grow.py``)."""
+
+    # optimizer steps in a row, in the degraded attempt, whose sampled step peak stays under the bar: 200 is
+    # ~10 min of an 8B QLoRA step on one GPU (2-3 s/step) and 20 journaled samples (every 10th step)
+    after_steps: Annotated[StrictInt, Field(ge=1, description="consecutive optimizer steps below the bar")] = 200
+    # the bar, a share of the cap (the emulated --vram-limit, else the card): a step's peak is a fixed part
+    # (weights, optimizer state) plus activations ~ batch, so doubling the batch at most doubles the peak;
+    # under half the cap the doubled batch fits even with no fixed part, at the lengths seen
+    below_fraction: Annotated[StrictFloat, Field(gt=0, lt=1, description="share of the cap")] = 0.5
+    # grow-backs per run; 0 turns grow back off
+    max_times: Annotated[StrictInt, Field(ge=0, description="grow-backs per run (0: off)")] = 2
+
+
 class Limits(_Strict):
     max_attempts: Annotated[StrictInt, Field(ge=1)] = 20
     no_progress_attempts: Annotated[StrictInt, Field(ge=1)] = 3
@@ -194,6 +209,8 @@ class Limits(_Strict):
     # s the rest of an attempt may run after one rank wrote its error record, before the supervisor
     # stops it: a rank blocked in a collective for a dead peer otherwise waits out NCCL's timeout
     failed_rank_linger_s: Annotated[Number, Field(gt=0)] = 15
+    # issue 18 item 5: back to the batch before a halve_batch rung when memory stays low (max_times 0: off)
+    grow_back: GrowBack = Field(default_factory=GrowBack)
 
 
 class FlagNames(_Strict):

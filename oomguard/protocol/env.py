@@ -9,7 +9,8 @@ from typing import Any
 __all__ = ["ENV_RUN_DIR", "ENV_ATTEMPT", "ENV_ERROR_FILE", "ENV_KNOBS", "ENV_RESUME_FROM", "ENV_VRAM_LIMIT",
            "ENV_INJECT", "ENV_CHECKPOINT_DIR", "ENV_SUPERVISOR_PID", "ENV_BOOTSTRAP", "ENV_BOOTSTRAP_SKIP",
            "ENV_DELIVERED", "ENV_OBSERVE", "ENV_RESUME_MODE", "ENV_NAN_SKIP_STEPS", "ENV_REWARM_STEPS",
-           "ENV_STRICT_EVENTS", "ENV_CULPRIT", "ResumeMode", "parse_orders"]
+           "ENV_STRICT_EVENTS", "ENV_CULPRIT", "ENV_FAKE_MEMORY", "GROW_REQUEST_JSON", "ResumeMode",
+           "parse_orders"]
 
 ENV_RUN_DIR = "OOMGUARD_RUN_DIR"
 ENV_ATTEMPT = "OOMGUARD_ATTEMPT"
@@ -34,6 +35,14 @@ ENV_REWARM_STEPS = "OOMGUARD_REWARM_STEPS"  # this attempt re-enters warm-up ove
 # issue 19: JSON {"split": {"<optimizer step>": factor}, "quarantine": [row, ...]} (run_record.CulpritOrder):
 # the culprit steps the child trains as smaller micro-batches and the rows it never trains; "" = none
 ENV_CULPRIT = "OOMGUARD_CULPRIT"
+# issue 18 item 5 (grow back): the supervisor writes <run_dir>/grow_request.json ({"attempt": n, "step": s,
+# "reason": ...}); that attempt's guard saves a checkpoint at its next step end, stops, journals
+# ``grow_stopped`` and exits 0; the next attempt resumes from that checkpoint with the batch before the rung
+GROW_REQUEST_JSON = "grow_request.json"
+# tests only, where no CUDA memory figures exist (CPU): "per_token=BYTES[,base=BYTES]" makes the fault layer
+# (guard/callbacks/faults.py) journal a fabricated step peak, base + per_token x the step's largest training
+# micro-batch's tokens, as a ``memory`` event each step; armed like OOMGUARD_INJECT (only under a live supervisor)
+ENV_FAKE_MEMORY = "OOMGUARD_FAKE_MEMORY"
 # "1": emit_event raises ValueError on an event the catalogue (protocol.events) does not allow (tests)
 ENV_STRICT_EVENTS = "OOMGUARD_STRICT_EVENTS"
 

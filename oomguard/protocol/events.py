@@ -52,6 +52,9 @@ class Event(str, enum.Enum):
     NODE_PLAN = "node_plan"
     NODE_VERDICT = "node_verdict"
     NODE_LOST = "node_lost"
+    # supervisor: grow back after a resume-safe batch rung (issue 18 item 5, policy/grow.py)
+    GROW_BACK_REQUESTED = "grow_back_requested"
+    GROW_BACK = "grow_back"
     # supervisor: checkpoints and the recipe seen in the child
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
     CHECKPOINT_FOREIGN = "checkpoint_foreign"
@@ -75,6 +78,7 @@ class Event(str, enum.Enum):
     PRESSURE_SAVE = "pressure_save"
     SHUTDOWN_REQUESTED = "shutdown_requested"
     SHUTDOWN_SAVED = "shutdown_saved"
+    GROW_STOPPED = "grow_stopped"
     ERROR_RECORDED = "error_recorded"
     NAN_DETECTED = "nan_detected"
     FAULT_INJECTED = "fault_injected"
@@ -198,6 +202,11 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "resume_from?:str|None note?:str|None", "the leader's verdict on an attempt of the job (retry | abandoned | end)"),
     (Event.NODE_LOST, _S, "job_attempt:int node:int lost:int why:str",
      "another node's supervisor is gone or never came: this node's supervisor ends (exit 7)"),
+    (Event.GROW_BACK_REQUESTED, _S, f"attempt:int {_STEP} steps_below:int peak:int cap:int below_fraction:num "
+     "knobs:dict changes:list reason:str",
+     "memory stayed low after a halve_batch rung: the child is asked to save and stop at its next step end"),
+    (Event.GROW_BACK, _S, "attempt:int verified:bool knobs:dict changes:list resumed_from:str|None reason:str "
+     "why:str|None", "an attempt resumed with the batch before the rung; verified: the child shows it in force"),
     (Event.CHECKPOINT_SKIPPED, _S, f"path:str {_STEP_OR_NONE} problems:list", "an incomplete checkpoint"),
     (Event.CHECKPOINT_FOREIGN, _S, f"path:str {_STEP_OR_NONE} why:str", "another run's checkpoint, left alone"),
     (Event.CHECKPOINT_MOVED_ASIDE, _S, f"path:str {_STEP_OR_NONE} moved_to:str|None why?:str error?:str",
@@ -214,8 +223,9 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "an optimizer step completed (step = global_step now)"),
     (Event.TRAINER_LOG, _C, f"{_STEP} logs:dict", "the numbers of one Trainer on_log"),
     (Event.MEMORY, _C, f"{_STEP} allocated?:int reserved?:int active?:int step_peak?:int slack?:int "
-     "inactive_split?:int alloc_retries?:int num_ooms?:int device_used?:int host_rss?:int",
-     "a memory sample (every step up to 10, then every 10th)"),
+     "inactive_split?:int alloc_retries?:int num_ooms?:int device_used?:int host_rss?:int window_peak?:int",
+     "a memory sample (every step up to 10, then every 10th); window_peak: the highest step peak since the "
+     "previous sample (grow back reads it where present)"),
     (Event.MEMORY_GROWTH, _C, f"{_STEP} slope_bytes_per_step:num level:num cap:int|None "
      "projected_step:int|None", "memory grows step after step"),
     (Event.DATA_PROFILE, _C, f"{_STEP} count:int quantiles:list max_len:int total_tokens:int sampled:bool "
@@ -229,6 +239,8 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
      "a save ahead of a projected OOM"),
     (Event.SHUTDOWN_REQUESTED, _C, f"{_STEP} reason:str", "the child was asked to stop"),
     (Event.SHUTDOWN_SAVED, _C, f"{_STEP} reason:str path:str", "a checkpoint saved before stopping"),
+    (Event.GROW_STOPPED, _C, f"{_STEP} path:str attempt:int",
+     "the child saved and stopped for a grow back (the supervisor's request); it exits 0, the run is not over"),
     (Event.ERROR_RECORDED, _C, f"{_STEP_OR_NONE} kind:str phase:str path:str saved_checkpoint:str|None",
      "the child wrote its error record"),
     (Event.NAN_DETECTED, _C, f"{_STEP} last_finite_step:int|None skipped:int action:str",

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -40,6 +40,7 @@ from ..protocol import (
     atomic_write_json,
 )
 from ..protocol.run_record import Failure, RungRef
+from .alloc_env import alloc_env
 from .checkpoints import checkpoint_step, scan_checkpoints
 from .command import build_command
 from .culprit import next_order, verify_culprit
@@ -55,6 +56,9 @@ from .spare import spares_for
 from .spec import RunSpec, policy_knobs, say
 from .trackers import tracker_env
 
+if TYPE_CHECKING:
+    from .grow_back import Grown
+
 __all__ = ["Plan", "child_env", "finish_attempt", "max_step", "start_attempt", "watch_of"]
 
 
@@ -67,6 +71,7 @@ class Plan:
     resume_from: str | None = None
     resume_mode: ResumeMode = ResumeMode.NORMAL
     rewarm_steps: int = 0  # re-enter warm-up over this many optimizer steps (a NaN rollback's decision)
+    grow: "Grown | None" = None  # issue 18 item 5: the knobs come from a grow-back (verified in the child)
 
 
 def watch_of(spec: RunSpec) -> Watch:
@@ -125,7 +130,7 @@ def child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord, mode: Res
         env[ENV_CHECKPOINT_DIR] = str(spec.checkpoint_dir)
     else:
         env.pop(ENV_CHECKPOINT_DIR, None)
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # DESIGN §6
+    env.update(alloc_env(env, attempt.orders).updates)  # DESIGN §6; issue 18 item 6: the expandable_segments rung
     if attempt.n > 1:  # the tracker runs an earlier attempt opened (TensorBoard dir, W&B / MLflow run id)
         env.update(tracker_env(journal.events(), env))
     return bootstrap_env(env, attempt.command, attempt.delivered)

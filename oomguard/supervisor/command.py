@@ -223,6 +223,15 @@ def _edit_value(out: list[str], hits: Sequence[_Hit], text: str) -> bool:
     return bool(hits) and all(h.value is not None for h in hits)
 
 
+def _edit_bool(out: list[str], hits: Sequence[_Hit], on: bool) -> bool:
+    """Rewrite every valued occurrence of a bool flag in its own spelling; True when all had a bool value
+    (a bare ``--flag`` already means true: it is never turned into another form)."""
+    valued = [h for h in hits if h.value is not None and h.value.lower() in _TRUTH]
+    for hit in valued:
+        _write(out, hit, _bool_text(hit.value or "", on))
+    return bool(hits) and len(valued) == len(hits)
+
+
 def _set_bools(out: list[str], wanted: Mapping[str, bool]) -> None:
     """Rewrite the value-style bool flags toward ``wanted``: offs first, and a field is only
     turned on while no other one stays on (``--fp16 --bf16 true`` is rejected by HF/TRL)."""
@@ -270,6 +279,8 @@ def build_command(argv: Sequence[str], orders: Mapping[str, Any],
     for knob, value in orders.items():
         if knob == PRECISION:
             edited = _edit_precision(out, str(value), extra_flags)
+        elif isinstance(value, bool):  # --gradient_checkpointing false -> true, in the command's spelling
+            edited = _edit_bool(out, _hits(out, _names(knob, extra_flags)), value)
         else:
             edited = _edit_value(out, _hits(out, _names(knob, extra_flags)), _text(value))
         delivered.setdefault(knob, (Delivery.FLAG if edited else Delivery.IN_PROCESS).value)

@@ -24,6 +24,7 @@ from .cluster import Cluster
 from .console import say as console_say
 from .evidence import gather_evidence
 from .gpu import wait_gpu_released
+from .grow_back import Grown, GrowTail, GrowWatch
 from .journal import AttemptRecord, Journal, RunLock, load_record
 from .opening import open_journal
 from .process import SCHEDULER_SIGNALS, STOP_SIGNALS, ChildOutcome, StopFlag, Watch, process_started, run_child
@@ -125,19 +126,22 @@ def _loop(run: _Run) -> ExitCode:
         return _give_up(run, plan)
     while True:
         attempt = start_attempt(run.spec, run.journal, plan, run.clock.time())
-        outcome = _stopped_through_the_child(run, attempt, _launch(run, attempt, plan.resume_mode))
+        watch = GrowWatch(run.spec, run.journal, attempt, plan.grow)  # issue 18 item 5: one node only
+        outcome = _stopped_through_the_child(run, attempt, _launch(run, attempt, plan.resume_mode, watch=watch))
         failure = finish_attempt(run.spec, run.journal, attempt, outcome, run.clock.time())
+        grow = watch.finish(failure is None and outcome.interrupted_by is None)  # stopped to grow back: not the end
         if outcome.interrupted_by is not None:
             return _interrupted(run, outcome.interrupted_by)
-        if failure is None:
+        if failure is None and grow is None:
             return _end(run, RunStatus.SUCCEEDED, ExitCode.SUCCESS)
-        decision = _decide(run)
+        decision = grow or _decide(run)
         if decision.action is DecisionAction.GIVE_UP:
             return _give_up(run, decision)
         _between_attempts(run, outcome, decision)
         if run.stop.is_set:
             return _interrupted(run, run.stop.signum, " between attempts")
         plan = _carry_out(run, decision, decision.resume_from)
+        plan = dataclasses.replace(plan, grow=Grown(grow, watch.words)) if grow is not None else plan
 
 
 def _continuation(run: _Run) -> Plan | Decision:
@@ -174,14 +178,16 @@ def _carry_out(run: _Run, decision: Decision, resume_from: str | None) -> Plan:
 
 
 def _launch(run: _Run, attempt: AttemptRecord, mode: ResumeMode, stop: StopFlag | None = None,
-            also: Callable[[], None] | None = None) -> ChildOutcome:
+            also: Callable[[], None] | None = None, watch: GrowWatch | None = None) -> ChildOutcome:
     """The attempt's child, run to its end through the launcher seam; its pid journaled as it starts.
-    ``stop``/``also``: a multi-node run's flag (the other nodes can stop it too) and per-poll watch."""
+    ``stop``/``also``: a multi-node run's flag (the other nodes can stop it too) and per-poll watch;
+    ``watch``: the grow-back watch, fed by the status line's tail."""
     def started(pid: int) -> None:
         attempt.pid, attempt.pid_started = pid, process_started(pid)
         run.journal.save()
 
-    progress = ProgressTail(run.journal, attempt.n, True).tick  # oomguard's line, under -q too
+    # oomguard's line, under -q too
+    progress = (GrowTail(run.journal, attempt.n, True, watch) if watch else ProgressTail(run.journal, attempt.n)).tick
 
     def tick() -> None:
         progress()

@@ -162,6 +162,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--oom_over", type=int, default=None, help="OOM when batch*seq exceeds this")
     ap.add_argument("--oom_style", default="stderr", choices=["stderr", "record", "bnb"])
     ap.add_argument("--fail_at", type=int, default=3, help="step at which a failure fires")
+    ap.add_argument("--fail_also_at", type=int, default=None, help="a second step at which --oom_over fires")
     ap.add_argument("--mode", default="ok",
                     choices=["ok", "nan", "nan_always", "sigkill", "hang", "crash", "crash_once", "torn",
                              "caught_oom_crash"])
@@ -189,6 +190,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--hub_token", default=None, help="a secret the supervisor must never write down")
     ap.add_argument("--api_key", default=None, help="a secret, --x=v form")
     ap.add_argument("--argv_out", default=None, help="write the argv this child got (JSON) to this file")
+    # issue 18 item 5 (grow back): a memory figure per step, and the guard's stop on the supervisor's request
+    ap.add_argument("--memory_per_row", type=int, default=None,
+                    help="journal a memory sample per step whose step_peak is batch x this many bytes")
     return ap.parse_args()
 
 
@@ -244,6 +248,24 @@ def report_recipe(args, run_dir: Path, attempt: int, out: Path) -> None:
         emit(run_dir, protocol.Event.RECIPE_OBSERVED, attempt=attempt, stage=stage, knobs=knobs,
              fields={k: k for k in knobs}, effective_batch=effective, world_size=1, output_dir=str(out.absolute()),
              trainer="FakeTrainer", args_class="Namespace", lr_scheduler_type=None, optim=None, lora=False)
+
+
+def grow_requested(run_dir: Path, attempt: int) -> bool:
+    """As the guard's ShutdownCallback: <run_dir>/grow_request.json naming this attempt."""
+    path = run_dir / protocol.GROW_REQUEST_JSON
+    try:
+        return path.exists() and json.loads(path.read_text()).get("attempt") == attempt
+    except (OSError, ValueError):
+        return False
+
+
+def stop_to_grow(run_dir: Path, out: Path, step: int, attempt: int, opt_bytes: int) -> int:
+    """The guard's grow-back stop: save at this step end, journal it, exit 0 (the run is not over)."""
+    emit(run_dir, protocol.Event.SHUTDOWN_REQUESTED, step=step,
+         reason="the supervisor asked to save and stop here to grow the batch back")
+    save_checkpoint(out, step, run_dir, opt_bytes)
+    emit(run_dir, protocol.Event.GROW_STOPPED, step=step, path=str(out / f"checkpoint-{step}"), attempt=attempt)
+    return 0
 
 
 def daemonize_sleeper(seconds: float) -> None:
@@ -315,7 +337,7 @@ def main() -> int:
         time.sleep(args.step_s)
         if plan and step == start + 2 and kind != "ok":
             return fail_planned(kind, step, run_dir) or 0
-        if not plan and step == args.fail_at:
+        if not plan and step in (args.fail_at, args.fail_also_at):
             code = legacy_failure(args, step, attempt, out, run_dir)
             if code is not None and args.kill_supervisor_at_fail and attempt == 1:
                 kill_supervisor()
@@ -323,6 +345,10 @@ def main() -> int:
                 return code
         protocol.touch(run_dir / protocol.HEARTBEAT)
         emit(run_dir, protocol.Event.STEP, step=step, max_steps=args.max_steps, epoch=None, attempt=attempt)
+        if args.memory_per_row is not None:
+            emit(run_dir, protocol.Event.MEMORY, step=step, step_peak=args.per_device_train_batch_size * args.memory_per_row)
+        if protocol.ENV_RUN_DIR in env and STOP["signum"] is None and grow_requested(run_dir, attempt):
+            return stop_to_grow(run_dir, out, step, attempt, args.opt_bytes)
         for i in range(args.stderr_chatter):
             print(f"fake child: chatter {i} at step {step}", file=sys.stderr, flush=True)
         if STOP["signum"] is not None:

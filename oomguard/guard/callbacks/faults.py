@@ -5,6 +5,12 @@ never remembered: ``cuda_oom@tokens=N`` when the micro-batch's ``input_ids`` hol
 step's smaller chunks pass), ``nan@row=R`` / ``inf@row=R`` when it holds row R of the train dataset (its rows
 come from the ledger, :func:`oomguard.guard.culprit.current_rows`; a quarantined R never trains).
 
+Fabricated memory (issue 18 item 5, tests only: ``OOMGUARD_FAKE_MEMORY=per_token=B[,base=B]``): where no CUDA
+memory figures exist (CPU), each step end journals a ``memory`` event whose ``step_peak`` is ``base + per_token x``
+the tokens of the step's largest training micro-batch (its real ``input_ids.numel()``, so a smaller batch really
+reads lower), announced once per attempt by a ``fault_injected`` event (fault ``fake_memory``). It is a made-up
+number for the supervisor's grow-back watch, never a measurement.
+
 Faults are armed only under a live supervisor that asked for them (``env.faults_armed``).
 Fired faults are remembered in ``<run_dir>/injected.json`` (rank k: ``injected.rank<k>.json``)
 *before* they fire, so a resumed attempt — or a fault that kills the process — never repeats.
@@ -29,7 +35,8 @@ from oomguard.guard.env import faults_armed
 from oomguard.guard.writer import EventWriter
 from oomguard.protocol import Fault
 
-__all__ = ["armed_faults", "due_faults", "FaultInjectionCallback", "FaultLedger", "INJECTED_JSON", "injected_oom"]
+__all__ = ["armed_faults", "due_faults", "FaultInjectionCallback", "FaultLedger", "INJECTED_JSON", "injected_oom",
+           "parse_fake_memory"]
 
 INJECTED_JSON = "injected.json"
 
@@ -84,6 +91,33 @@ def armed_faults(faults: tuple[Fault, ...], environ: Mapping[str, str]) -> tuple
     return ()
 
 
+def parse_fake_memory(raw: str | None) -> tuple[int, int] | None:
+    """``OOMGUARD_FAKE_MEMORY`` -> (per_token, base) bytes, None when unset; ValueError naming the fix."""
+    if not (raw or "").strip():
+        return None
+    got = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq or key.strip() not in ("per_token", "base") or not val.strip().isdigit():
+            raise ValueError(f"{protocol.ENV_FAKE_MEMORY}={raw!r}: bad part {part!r}; use per_token=BYTES[,base=BYTES] "
+                             "(integers), or unset it to journal real memory only")
+        got[key.strip()] = int(val)
+    if "per_token" not in got:
+        raise ValueError(f"{protocol.ENV_FAKE_MEMORY}={raw!r} has no per_token=BYTES; add it or unset the variable")
+    return got["per_token"], got.get("base", 0)
+
+
+def _armed_fake_memory(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """The fabricated memory model when asked for under a live supervisor, else None (said once on stderr)."""
+    raw = environ.get(protocol.ENV_FAKE_MEMORY)
+    model = parse_fake_memory(raw)
+    why = faults_armed({**environ, protocol.ENV_INJECT: "fake_memory"}) if model else None
+    if why is None:
+        return model
+    print(f"oomguard guard: ignoring {protocol.ENV_FAKE_MEMORY}={raw!r}: {why}", file=sys.stderr)
+    return None
+
+
 def injected_oom(where: str) -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError(
         f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by oomguard: {where}). "
@@ -99,7 +133,10 @@ class FaultInjectionCallback(TrainerCallback):
 
     def __init__(self, faults: Iterable[Fault], run_dir: str | Path | None = None, *, rank: int = 0,
                  attempt: int = 1, environ: Mapping[str, str] | None = None):
-        self.faults = armed_faults(tuple(faults), os.environ if environ is None else environ)
+        environ = os.environ if environ is None else environ
+        self.faults = armed_faults(tuple(faults), environ)
+        self.fake_memory = _armed_fake_memory(environ)  # (per_token, base) bytes: fabricated step peaks (tests)
+        self._step_tokens = 0  # the largest training micro-batch of the current step, tokens
         self.journal = EventWriter(run_dir, rank)
         self.ledger = FaultLedger(self.journal.rank_file(INJECTED_JSON))
         self.rank, self.attempt = rank, attempt
@@ -116,7 +153,7 @@ class FaultInjectionCallback(TrainerCallback):
         self.journal.emit("fault_injected", step=step, fault=fault.kind, key=fault.key, **extra)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and not self._hooked and self.faults:
+        if model is not None and not self._hooked and (self.faults or self.fake_memory):
             target = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model
             # The embedding runs in every forward path, including TRL's fused-loss one.
             target.register_forward_pre_hook(self._pre_forward)
@@ -126,9 +163,19 @@ class FaultInjectionCallback(TrainerCallback):
         if fault is not None:
             self._fire(fault, state.global_step)
             raise injected_oom("resume_oom while loading the checkpoint")
+        if self.fake_memory is not None:
+            per_token, base = self.fake_memory
+            self.journal.emit("fault_injected", step=state.global_step, fault="fake_memory", key="fake_memory",
+                              per_token=per_token, base=base)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.fake_memory is not None:
+            per_token, base = self.fake_memory
+            self.journal.emit("memory", step=state.global_step, step_peak=base + per_token * self._step_tokens)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._completed = state.global_step
+        self._step_tokens = 0
         step = state.global_step + 1  # the step now starting
         for kind in ("cuda_oom", "nan", "inf"):
             fault = self._due(kind, step)
@@ -164,6 +211,8 @@ class FaultInjectionCallback(TrainerCallback):
         return None
 
     def _pre_forward(self, module, args):
+        if module.training and args and isinstance(args[0], torch.Tensor):
+            self._step_tokens = max(self._step_tokens, int(args[0].numel()))
         data = self._data_fault(("cuda_oom",), module, args)
         if data is not None:
             self.journal.emit("fault_injected", step=self._completed, fault=data.kind, key=data.key,

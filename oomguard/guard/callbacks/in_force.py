@@ -15,8 +15,10 @@ from typing import Any, Iterable
 from transformers import TrainerCallback
 
 from oomguard import knobs as K
+from oomguard.guard import free_rungs
 from oomguard.guard import trainer_patches as internals
 from oomguard.guard.env import GuardEnv
+from oomguard.guard.notices import warn_once
 from oomguard.guard.observe import _get, _groups, _number, base_lr, observe
 from oomguard.guard.writer import EventWriter
 from oomguard.protocol import EVENT_RECIPE_OBSERVED, STAGE_IN_FORCE
@@ -102,6 +104,19 @@ def _trainer_class() -> str | None:
     return None
 
 
+def _reset_foreign_optimizer_state(optimizer: Any) -> str | None:
+    """A resumed optimizer state written by another optimizer (an ``optim`` rung) dropped before the first
+    step, which it would crash or silently run at the old precision; said once and in the payload."""
+    try:
+        reset = free_rungs.reset_foreign_state(optimizer)
+    except Exception as exc:
+        log.warning("oomguard: could not check the resumed optimizer state: %s", exc)
+        return None
+    if reset:
+        warn_once("optimizer_state_reset", f"oomguard: {reset}", stacklevel=2)
+    return reset
+
+
 class RecipeCallback(TrainerCallback):
     """At train begin: apply an ordered ``learning_rate`` over the restored schedule, then journal
     the recipe in force (``recipe_observed`` stage ``in_force``). Harmless outside oomguard."""
@@ -124,10 +139,13 @@ class RecipeCallback(TrainerCallback):
                 change = None
             if change is not None:
                 self.journal.emit(EVENT_LR_OVERRIDE, attempt=self.env.attempt, step=state.global_step, **change)
+        reset = _reset_foreign_optimizer_state(optimizer)  # empty on a fresh start: nothing to check
         try:
             payload = observe(args=args, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                               train_dataloader=train_dataloader, stage=STAGE_IN_FORCE, extra_knobs=self.extra_knobs)
             payload["trainer"] = _trainer_class()
+            if reset:
+                payload["optimizer_state_reset"] = reset
         except Exception as exc:  # observe does not raise; belt and braces for a training run
             log.warning("oomguard: could not observe the recipe: %s", exc)
             return

@@ -21,10 +21,17 @@ step" in the group's c10d store (the one torchrun already runs; no collective on
 rank stops there. One step later is the earliest step no rank can have passed: the ranks run each step
 in lockstep (its gradient collectives), so none can end step s+1 while another is still before the
 end of step s.
+
+Grow back (issue 18 item 5): the supervisor asks for a stop by writing ``<run_dir>/grow_request.json`` naming this
+attempt. It is checked at every step end (one ``stat``) and goes through the same path as a signal, with
+:data:`GROW_STOP` in place of a signal number (the ranks agree on its step too): save at that step end, stop,
+journal ``grow_stopped`` and exit 0 (``SystemExit``: the script's code after ``train()`` does not run on a run
+that is not over).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -37,13 +44,36 @@ from oomguard import protocol
 from oomguard.guard.env import process_alive
 from oomguard.guard.writer import EventWriter
 
-__all__ = ["CHECK_EVERY_S", "HANDLED", "ShutdownCallback", "WARNINGS"]
+__all__ = ["CHECK_EVERY_S", "GROW_STOP", "HANDLED", "ShutdownCallback", "WARNINGS", "grow_requested"]
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 # A scheduler's warning before its kill (SLURM's --signal=USR1@120 reaches every process of the job
 # step): handled only where the script left Python's default (which would end the process unsaved).
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 CHECK_EVERY_S = 1.0  # seconds between checks that the supervisor is alive
+GROW_STOP = 0  # the stop's "signal" when the supervisor asked for it to grow back (no signal is 0)
+GROW_REASON = "the supervisor asked to save and stop here to grow the batch back"
+
+
+def grow_requested(run_dir: Path | None, attempt: int | None) -> bool:
+    """Whether ``<run_dir>/grow_request.json`` asks ``attempt`` to stop (a stale one names an earlier attempt)."""
+    path = run_dir / protocol.GROW_REQUEST_JSON if run_dir is not None and attempt is not None else None
+    if path is None or not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("attempt") == attempt
+    except (OSError, ValueError, AttributeError):
+        return False  # torn or foreign: the supervisor writes it atomically, so it is not ours
+
+
+def _last_step(state) -> bool:
+    max_steps = getattr(state, "max_steps", None)
+    return isinstance(max_steps, int) and max_steps > 0 and state.global_step >= max_steps
+
+
+def _attempt() -> int | None:
+    raw = os.environ.get(protocol.ENV_ATTEMPT, "").strip()
+    return int(raw) if raw.isdigit() else None
 
 
 def _supervisor_pid() -> int | None:
@@ -110,6 +140,7 @@ class ShutdownCallback(TrainerCallback):
         self.rank = rank
         self.agreement = agreement or StopAgreement()
         self.supervisor_pid = supervisor_pid if supervisor_pid is not None else _supervisor_pid()
+        self.attempt = _attempt()
         self.signum: int | None = None
         self.reason = ""
         self._previous: dict[int, object] = {}
@@ -120,7 +151,8 @@ class ShutdownCallback(TrainerCallback):
         return self.signum is not None
 
     def request(self, signum: int, reason: str) -> None:
-        if self.signum is None:
+        """Stop at the next step end; a real signal replaces a pending grow-back stop (same save, other exit)."""
+        if self.signum is None or (self.signum == GROW_STOP and signum != GROW_STOP):
             self.signum, self.reason = signum, reason
 
     def _handle(self, signum: int, frame) -> None:
@@ -151,6 +183,8 @@ class ShutdownCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not self.requested and self._supervisor_gone():
             self.request(signal.SIGTERM, f"supervisor pid {self.supervisor_pid} is gone")
+        if not self.requested and not _last_step(state) and grow_requested(self.journal.run_dir, self.attempt):
+            self.request(GROW_STOP, GROW_REASON)  # on the last step the run is over anyway: no stop, no restart
         if self._stop_now(state.global_step):
             control.should_save = True
             control.should_training_stop = True
@@ -175,7 +209,11 @@ class ShutdownCallback(TrainerCallback):
         for s, previous in self._previous.items():
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
-        if self.requested:
-            self.journal.emit("shutdown_saved", step=state.global_step, reason=self.reason,
-                              path=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
-            raise SystemExit(128 + int(self.signum))  # not Exception: guarded_train lets it pass
+        if not self.requested:
+            return
+        path = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if self.signum == GROW_STOP:
+            self.journal.emit("grow_stopped", step=state.global_step, path=path, attempt=self.attempt or 0)
+            raise SystemExit(0)  # a clean stop the supervisor asked for; the script's post-train code must not run
+        self.journal.emit("shutdown_saved", step=state.global_step, reason=self.reason, path=path)
+        raise SystemExit(128 + int(self.signum))  # not Exception: guarded_train lets it pass
