@@ -9,8 +9,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 # two cores, and oversubscribed torch threads made the CPU trainings about 2x slower (measured)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 set +e
-# two workers (CI has 2 cores); a file's tests stay on one worker
-.venv/bin/python -m pytest -q -n "${OOMGUARD_TEST_WORKERS:-2}" --dist loadfile "$@"
+# two workers (CI has 2 cores); a file's tests stay on one worker; the 30 slowest are listed (for LONGEST_FIRST)
+.venv/bin/python -m pytest -q -n "${OOMGUARD_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

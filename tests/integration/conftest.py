@@ -42,7 +42,8 @@ LONGEST_FIRST = ("integration/test_wrap_matrix.py", "integration/test_nodes.py",
                  "integration/test_stop_agreement.py",
                  "integration/test_wrap_commands.py", "integration/test_resume_wrapped.py",
                  "integration/test_lr_in_force.py", "integration/test_distributed.py", "integration/test_nan_skip.py",
-                 "integration/test_resume_integrity.py", "integration/test_spare_training.py")
+                 "integration/test_resume_integrity.py", "integration/test_spare_training.py",
+                 "integration/test_grow_back.py", "integration/test_free_rungs.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
