@@ -102,13 +102,25 @@ def _not_applied(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _changes(changes: Any) -> list[dict[str, Any]]:
+    return [{"knob": str(c.get("knob")), "old": c.get("old"), "new": c.get("new")} for c in changes]
+
+
+def _grow_backs(s: RunSummary) -> list[dict[str, Any]]:
+    """Issue 18 item 5 (optional field of oomguard.report/1): each return to the batch before a halve_batch rung;
+    ``verified``: the next attempt's child showed it (null: no verdict journaled)."""
+    return [{"attempt": g.attempt, "reason": g.reason, "resumed_from": g.resumed_from, "changes": _changes(g.changes),
+             "verified": g.verified, "why": g.why,
+             "cost": {"steps_redone": g.steps_redone, "seconds_to_next_step": g.seconds_to_next_step}}
+            for g in s.grow_backs]
+
+
 def build_document(run: dict[str, Any], events: list[dict[str, Any]], problems: list[str]) -> dict[str, Any]:
     s = summarize_loaded(run, events, problems)
     eb_req, eb_fin = effective_batch(s.requested, s.world_size), effective_batch(s.final, s.world_size)
     recoveries = [{"attempt": r.attempt, "kind": r.kind, "step": _int(r.step), "phase": r.phase,
                    "reason": plain_steps(r.reason), "rung": _rung(r.rung), "resumed_from": r.resumed_from,
-                   "changes": [{"knob": str(c.get("knob")), "old": c.get("old"), "new": c.get("new")}
-                               for c in r.changes],
+                   "changes": _changes(r.changes),
                    "truncation_share": _num(r.truncation_share),
                    "cost": {"steps_redone": r.steps_redone, "seconds_to_next_step": r.seconds_to_next_step}}
                   for r in s.recoveries]
@@ -130,6 +142,7 @@ def build_document(run: dict[str, Any], events: list[dict[str, Any]], problems: 
         "knobs": _knobs(s),
         "not_applied": _not_applied(events),
         "recoveries": recoveries,
+        "grow_backs": _grow_backs(s),
         # the share of the training tokens beyond the final max_seq_length, as the last length rung measured it
         "tokens_cut": {"share": shares[-1] if shares else None,
                        "max_seq_length": {"requested": s.requested.get("max_seq_length"),

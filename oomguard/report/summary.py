@@ -16,8 +16,9 @@ from ..knobs import CORE, effective_batch
 from ..protocol import EVENT_STEP, EVENTS_JSONL, RUN_JSON, read_jsonl
 from ..supervisor.journal import event_problem, read_run_json, record_problems
 
-__all__ = ["Recovery", "RunSummary", "next_step_time", "seconds_to_next_step", "where_text", "plain_steps", "plural",
-           "load_run", "summarize", "summarize_loaded", "has_root_cause", "render_text", "MAX_PROBLEM_LINES"]
+__all__ = ["GrowBack", "Recovery", "RunSummary", "next_step_time", "seconds_to_next_step", "where_text", "plain_steps",
+           "plural", "load_run", "summarize", "summarize_loaded", "has_root_cause", "render_text", "grow_line",
+           "MAX_PROBLEM_LINES"]
 
 
 
@@ -34,6 +35,21 @@ class Recovery:
     truncation_share: float | None = None  # share of training tokens beyond the new max_seq_length
     changes: tuple[dict[str, Any], ...] = ()  # the decision's {knob, old, new}
     rung: dict[str, Any] | None = None  # {ladder, index} of the rung taken
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowBack:
+    """Issue 18 item 5: an attempt that ended without a failure yet with a retry decision: it stopped at a
+    checkpoint so the next one runs the batch from before a ``halve_batch`` rung."""
+
+    attempt: int  # the attempt that stopped for it
+    reason: str
+    resumed_from: str | None
+    steps_redone: int | None  # completed steps the resume point is behind the stop
+    seconds_to_next_step: float | None  # the stop -> the next completed optimizer step
+    changes: tuple[dict[str, Any], ...] = ()
+    verified: bool | None = None  # the next attempt's ``grow_back`` event; None: no verdict journaled
+    why: str | None = None  # why not, where not verified
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +73,7 @@ class RunSummary:
     guard_notes: tuple[str, ...] = ()  # the stack outside the tested range, degraded guard parts, an LR note
     split_steps: tuple[tuple[int, int], ...] = ()  # issue 19: (optimizer step, factor) trained as smaller micro-batches
     quarantined: tuple[int, ...] = ()  # issue 19: training-set rows never trained (skipped in the ledger)
+    grow_backs: tuple[GrowBack, ...] = ()  # issue 18 item 5: returns to the batch before a halve_batch rung
 
 
 def _step_of(path: str | None) -> int | None:
@@ -125,24 +142,45 @@ def plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
-def _recoveries(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Recovery]:
-    out = []
+def _retry_cost(a: dict[str, Any], nxt: dict[str, Any] | None, events: list[dict[str, Any]],
+                step: Any) -> dict[str, Any]:
+    """What a retry after attempt ``a`` (stopped after optimizer step ``step``) cost: where the next attempt
+    resumed, the completed steps that resume point is behind ``step``, the seconds to the next step."""
+    resumed = nxt.get("resumed_from") if nxt else (a.get("decision") or {}).get("resume_from")
+    ck = _step_of(resumed)
+    redone = (step - ck) if isinstance(step, int) and ck is not None else None
+    return {"resumed_from": resumed, "steps_redone": redone,
+            "seconds_to_next_step": seconds_to_next_step(events, a, nxt)}
+
+
+def _verdict(events: list[dict[str, Any]], attempt: int, ran: bool) -> tuple[bool | None, str | None]:
+    """The supervisor's last ``grow_back`` verdict on ``attempt`` (Trust rule 3): (verified, why); verified
+    None where there is none (``ran``: whether that attempt started at all)."""
+    e = next((e for e in reversed(events) if e.get("event") == "grow_back" and e.get("attempt") == attempt), None)
+    if e is None:
+        return None, (f"no grow_back verdict journaled for attempt {attempt}" if ran else "no later attempt ran it")
+    return e.get("verified") is True, (str(e["why"]) if e.get("why") else None)
+
+
+def _retries(run: dict[str, Any], events: list[dict[str, Any]]) -> tuple[list[Recovery], list[GrowBack]]:
+    """Every retry decision: after a failure (a recovery) and, with no failure, a grow-back."""
+    recoveries, grow_backs = [], []
     attempts = run.get("attempts", [])
     for a, nxt in zip(attempts, attempts[1:] + [None]):
         f, d = a.get("failure"), a.get("decision") or {}
-        if not f or d.get("action") != "retry":
+        if d.get("action") != "retry":
             continue
-        resumed = nxt.get("resumed_from") if nxt else d.get("resume_from")
-        ck = _step_of(resumed)
-        redone = (f["step"] - ck) if isinstance(f.get("step"), int) and ck is not None else None
-        out.append(Recovery(attempt=a["n"], kind=f.get("kind", "?"), step=f.get("step"),
-                            phase=f.get("phase", "unknown"),
-                            reason=d.get("reason", ""), resumed_from=resumed, steps_redone=redone,
-                            seconds_to_next_step=seconds_to_next_step(events, a, nxt),
-                            truncation_share=d.get("truncation_share"),
-                            changes=tuple(c for c in d.get("changes") or () if isinstance(c, dict)),
-                            rung=d.get("rung")))
-    return out
+        changes = tuple(c for c in d.get("changes") or () if isinstance(c, dict))
+        if not f:
+            verified, why = _verdict(events, a["n"] + 1, nxt is not None)
+            grow_backs.append(GrowBack(attempt=a["n"], reason=d.get("reason", ""), changes=changes,
+                                       verified=verified, why=why, **_retry_cost(a, nxt, events, a.get("max_step"))))
+            continue
+        recoveries.append(Recovery(attempt=a["n"], kind=f.get("kind", "?"), step=f.get("step"),
+                                   phase=f.get("phase", "unknown"), reason=d.get("reason", ""),
+                                   truncation_share=d.get("truncation_share"), changes=changes, rung=d.get("rung"),
+                                   **_retry_cost(a, nxt, events, f.get("step"))))
+    return recoveries, grow_backs
 
 
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
@@ -199,14 +237,15 @@ def summarize_loaded(run: dict[str, Any], events: list[dict[str, Any]], problems
     missed = tuple(dict.fromkeys(
         f"{e.get('knob')} → {e.get('expected')} (attempt {e.get('attempt')}): {e.get('why')}"
         for e in events if e.get("event") == "change_not_applied"))
+    recoveries, grow_backs = _retries(run, events)
     return RunSummary(status=run["status"], exit_code=run.get("exit_code"), attempts=len(attempts),
                       wall_s=end - run.get("started", end), root_cause=root, requested=run.get("requested", {}),
                       final=run.get("config", {}), world_size=run.get("world_size", 1),
-                      recoveries=tuple(_recoveries(run, events)), final_step=max(steps) if steps else None,
+                      recoveries=tuple(recoveries), final_step=max(steps) if steps else None,
                       skipped_checkpoints=skipped, requested_source=run.get("requested_source", "command"),
                       checks=checks, not_applied=missed, problems=tuple(problems),
                       failures=sum(1 for a in attempts if a.get("failure")), guard_notes=_guard_notes(events),
-                      **_culprits(attempts))
+                      grow_backs=tuple(grow_backs), **_culprits(attempts))
 
 
 def _culprits(attempts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,6 +303,17 @@ def has_root_cause(s: RunSummary) -> bool:
     return bool(s.root_cause and s.root_cause.strip()) and not (s.status == "succeeded" and s.failures == 0)
 
 
+def grow_line(attempt: int, reason: str, verified: bool | None, why: str | None) -> str:
+    """"grew back after attempt 2: batch 4 → 8 (accumulation 2 → 1) after ... (in force in the child)". Trust
+    rule 3: "grew back" only where the next attempt's child showed the grown batch; otherwise "grow back after
+    attempt 2: ... (not applied: <why>)", or "(not verified in the child: <why>)" with no verdict journaled."""
+    reason = re.sub(r"^grow back: ", "", reason.strip())  # the decision's own head, said once
+    if verified:
+        return f"grew back after attempt {attempt}: {reason} (in force in the child)"
+    verdict = f"not verified in the child: {why}" if verified is None else f"not applied: {why or 'not shown'}"
+    return f"grow back after attempt {attempt}: {reason} ({verdict})"
+
+
 def render_text(s: RunSummary) -> str:
     head = {"succeeded": "finished", "gave_up": "GAVE UP", "failed": "FAILED", "interrupted": "was interrupted",
             "running": "is still running (or its supervisor died)"}.get(s.status, s.status)
@@ -282,6 +332,7 @@ def render_text(s: RunSummary) -> str:
             cost.append(f"{r.seconds_to_next_step:.1f} s to the next step")
         lines.append(f"  recovery after attempt {r.attempt}: {plain_steps(r.reason)}"
                      + (f" [cost: {', '.join(cost)}]" if cost else ""))
+    lines += [f"  {grow_line(g.attempt, g.reason, g.verified, g.why)}" for g in s.grow_backs]
     for path in s.skipped_checkpoints:
         lines.append(f"  skipped incomplete checkpoint (kept on disk): {path}")
     for line in s.not_applied:

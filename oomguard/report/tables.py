@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from .plot import Bar, timeline_chart
-from .summary import next_step_time, plain_steps, plural, where_text
+from .summary import grow_line, next_step_time, plain_steps, plural, where_text
 
 __all__ = ["attempts_section", "first_step_times", "header_section", "knobs_section"]
 
@@ -58,6 +58,10 @@ def header_section(doc: dict[str, Any], run: dict[str, Any], run_dir: str) -> st
                         f'<span class="muted">[cost: {escape(_cost(r["cost"]))}]</span></li>'
                         for r in doc["recoveries"])
         out.append(f"<p>Recoveries:</p><ul>{items}</ul>")
+    if doc.get("grow_backs"):  # issue 18 item 5: the text summary's lines
+        items = "".join(f"<li>{escape(grow_line(g['attempt'], g['reason'], g['verified'], g['why']))}</li>"
+                        for g in doc["grow_backs"])
+        out.append(f"<p>Grow-backs:</p><ul>{items}</ul>")
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["started"])) if doc["started"] else "-"
     command = " ".join(str(c) for c in run.get("command") or [])
     out.append(f'<p class="small muted">run dir <code>{_e(run_dir)}</code> · policy <code>{_e(doc["policy"])}'

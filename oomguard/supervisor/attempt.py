@@ -130,7 +130,10 @@ def child_env(spec: RunSpec, journal: Journal, attempt: AttemptRecord, mode: Res
         env[ENV_CHECKPOINT_DIR] = str(spec.checkpoint_dir)
     else:
         env.pop(ENV_CHECKPOINT_DIR, None)
-    env.update(alloc_env(env, attempt.orders).updates)  # DESIGN §6; issue 18 item 6: the expandable_segments rung
+    alloc = alloc_env(env, attempt.orders)  # DESIGN §6; issue 18 item 6: the expandable_segments rung
+    env.update(alloc.updates)
+    if alloc.note:  # the user's allocator config was changed: said, never silently (Trust rule 1)
+        say(spec, f"attempt {attempt.n}: allocator: {alloc.note}")
     if attempt.n > 1:  # the tracker runs an earlier attempt opened (TensorBoard dir, W&B / MLflow run id)
         env.update(tracker_env(journal.events(), env))
     return bootstrap_env(env, attempt.command, attempt.delivered)

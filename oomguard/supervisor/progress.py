@@ -18,8 +18,8 @@ from .console import say
 if TYPE_CHECKING:
     from .journal import Journal
 
-__all__ = ["completed_step", "retry_words", "rung_words", "change_words", "duration_words", "ProgressTail",
-           "HeartbeatClock", "READ_CHUNK", "RATE_WINDOW"]
+__all__ = ["completed_step", "retry_words", "rung_words", "grown_words", "change_words", "duration_words",
+           "ProgressTail", "HeartbeatClock", "READ_CHUNK", "RATE_WINDOW"]
 
 GIB = 2**30
 TOKEN_COUNTS = ("num_tokens", "num_input_tokens_seen")  # running totals trainers log (TRL, HF)
@@ -80,6 +80,12 @@ def retry_words(failure: Any, first: Mapping[str, Any], now: Mapping[str, Any]) 
         kind = str(failure.get("kind"))
     since = [change_words({"knob": k, "old": first.get(k), "new": v}) for k, v in now.items() if first.get(k) != v]
     return f"after {kind}: same knobs" + (f" ({', '.join(since)} since attempt 1)" if since else "")
+
+
+def grown_words(changes: Sequence[Any]) -> str:
+    """A grow-back's attempt (issue 18 item 5): "grown back: batch 4 → 8, accumulation 2 → 1"."""
+    words = [change_words(c) for c in map(_plain, changes) if isinstance(c, Mapping)]
+    return f"grown back: {', '.join(words) if words else 'same knobs'}"
 
 
 def duration_words(seconds: float) -> str:
@@ -200,6 +206,10 @@ class ProgressTail:
         if not attempts:
             return "as requested"
         if attempts[-1].rung is None and len(attempts) > 1:
+            from .grow_back import grown_attempts  # here: grow_back imports this module
+
+            if attempts[-1].n in grown_attempts(self.journal.record):
+                return grown_words(_plain(attempts[-2].decision).get("changes") or ())
             return retry_words(_plain(attempts[-2].failure), attempts[0].knobs, attempts[-1].knobs)
         before = _plain(attempts[-2].decision) if len(attempts) > 1 else None
         changes = before.get("changes") or () if isinstance(before, Mapping) else ()

@@ -25,6 +25,7 @@ import yaml
 
 from oomguard.guard.resume.ledger import ledger_file, read_ledger
 from oomguard.protocol import read_jsonl
+from oomguard.report.summary import render_text, summarize
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -153,3 +154,7 @@ def test_a_real_trainer_grows_back_and_finishes_with_every_row_once(real):
         assert Counter(r for s in steps[16 * epoch:16 * epoch + 16] for r in s.samples) == Counter(range(64)), epoch
     # the fabricated signal is announced as such (never a measurement)
     assert {e["fault"] for e in _events(run_dir, "fault_injected")} >= {"fake_memory", "cuda_oom"}
+    # the morning summary lists the grow-back with the child's verdict
+    summary = render_text(summarize(run_dir))
+    [line] = [line for line in summary.splitlines() if "grew back after attempt 2: batch 2 → 4" in line]
+    assert line.endswith("(in force in the child)"), line

@@ -176,3 +176,19 @@ def test_an_lr_far_outside_the_lora_range_is_said_once_at_the_start_and_journale
     later = ProgressTail(journal, 2, echo=True)  # attempt 2's own observation says nothing again
     later.take({**seen, "attempt": 2})
     assert "note:" not in capsys.readouterr().err
+
+
+def test_a_grown_attempt_says_grown_back_not_an_interruption(tmp_path):
+    from oomguard.protocol.run_record import AttemptRecord, Decision, DecisionAction, KnobChange, RungRef
+
+    first = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+    halved = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    changes = (KnobChange("per_device_train_batch_size", 4, 8), KnobChange("gradient_accumulation_steps", 2, 1))
+    grow = Decision(DecisionAction.RETRY, dict(first), None, changes, "/x/checkpoint-6", None, "grow back: ...")
+    attempts = [AttemptRecord(1, 0.0, dict(first)),
+                AttemptRecord(2, 1.0, dict(halved), rung=RungRef("cuda_oom", 1), decision=grow),
+                AttemptRecord(3, 2.0, dict(first), resumed_from="/x/checkpoint-6")]
+    assert _tail(tmp_path, attempts)._rung() == "grown back: batch 4 → 8, accumulation 2 → 1"
+    # the same retry carried out with other knobs (a continued run that never grew) stays a plain retry
+    attempts[2] = AttemptRecord(3, 2.0, dict(halved))
+    assert _tail(tmp_path, attempts)._rung().startswith("after an interruption: same knobs")

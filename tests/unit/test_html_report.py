@@ -171,3 +171,16 @@ def test_nice_ticks_cover_the_range():
     t = nice_ticks(0.0003, 0.001)
     assert t[0] <= 0.0003 and t[-1] >= 0.001 and len(t) <= 8
     assert nice_ticks(3, 3) == [3]
+
+
+def test_a_grow_back_is_in_the_head_as_the_text_summary_says_it():
+    run = _run()
+    run["attempts"][1]["decision"] = {"action": "retry", "reason": "grow back: batch 4 → 8 after 3 steps below 50 %",
+                                      "resume_from": "/x/checkpoint-8", "changes": RETRY["changes"], "rung": None}
+    run["attempts"].append({**run["attempts"][0], "n": 3, "started": 132.0, "ended": 140.0, "exit_code": 0,
+                            "failure": None, "decision": None, "resumed_from": "/x/checkpoint-8", "max_step": 12})
+    events = [*_events(), {"time": 133.0, "event": "grow_back", "attempt": 3, "verified": True, "why": None}]
+    page = render_html(run, events, [], run_dir="/runs/a")
+    assert "Grow-backs:" in page and "grew back after attempt 2: batch 4 → 8 after 3 steps below 50 % (in force in " \
+        "the child)" in page
+    assert "Grow-backs:" not in render_html(_run(), _events(), [], run_dir="/runs/a")

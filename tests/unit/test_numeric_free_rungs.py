@@ -78,6 +78,30 @@ def test_alloc_env_default_merge_and_turn_over():
         ("a:1,expandable_segments:False", "True")
 
 
+def test_the_child_env_says_when_it_changes_the_users_allocator_config(tmp_path, monkeypatch, capsys):
+    from _loop_fakes import make_spec
+
+    from oomguard.protocol import ResumeMode
+    from oomguard.protocol.run_record import AttemptRecord, RunRecord, RunStatus
+    from oomguard.supervisor.attempt import child_env
+    from oomguard.supervisor.journal import Journal
+
+    spec = make_spec(tmp_path)
+    spec.run_dir.mkdir(parents=True)
+    journal = Journal(spec.run_dir, RunRecord(RunStatus.RUNNING, list(spec.command), "fast", "", {}, {}, ""))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False,max_split_size_mb:128")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    plain = AttemptRecord(1, 0.0, {}, command=list(spec.command))
+    assert child_env(spec, journal, plain, ResumeMode.NORMAL)["PYTORCH_CUDA_ALLOC_CONF"] == \
+        "expandable_segments:False,max_split_size_mb:128"  # Trust rule 1: as written, nothing to say
+    assert "allocator" not in capsys.readouterr().err
+    ordered = AttemptRecord(2, 0.0, {}, command=list(spec.command), orders={K.EXPANDABLE_SEGMENTS: True})
+    env = child_env(spec, journal, ordered, ResumeMode.NORMAL)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128,expandable_segments:True"
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "allocator" in line]
+    assert "attempt 2: allocator: the user's PYTORCH_CUDA_ALLOC_CONF=" in line and "expandable_segments:False" in line
+
+
 def test_free_rung_readers():
     from oomguard.guard import free_rungs as F
 

@@ -137,3 +137,50 @@ def test_an_untested_stack_and_a_degraded_guard_part_are_in_the_summary_and_the_
     VALIDATOR.validate(doc)
     assert len(doc["guard_notes"]) == 2
     assert build_document(recovered_run(), [{**stack_event, "tested": True}], [])["guard_notes"] == []
+
+
+GROW = {"action": "retry", "resume_from": "/x/checkpoint-6", "rung": None, "truncation_share": None,
+        "reason": "grow back: batch 4 → 8 (accumulation 4 → 2) after 5 steps below 50 % of the cap (step peak at most "
+                  "0.40 of 1.00 GiB): ...; the child stopped at step 6, resuming from checkpoint-6",
+        "changes": [{"knob": "per_device_train_batch_size", "old": 4, "new": 8},
+                    {"knob": "gradient_accumulation_steps", "old": 4, "new": 2}]}
+
+
+def grown_run():
+    return _run("succeeded", [
+        _attempt(1, OOM, RETRY, max_step=2),
+        _attempt(2, decision=GROW, knobs=HALVED, resumed="/x/checkpoint-2", max_step=6),
+        _attempt(3, resumed="/x/checkpoint-6", max_step=10)])
+
+
+def _grow_event(verified, why=None):
+    return {"event": "grow_back", "attempt": 3, "verified": verified, "why": why, "knobs": dict(KNOBS),
+            "changes": GROW["changes"], "resumed_from": "/x/checkpoint-6", "reason": GROW["reason"]}
+
+
+def test_a_grow_back_is_listed_after_the_recoveries_with_the_childs_verdict():
+    lines = render_text(summarize_loaded(grown_run(), [_grow_event(True)], [])).splitlines()
+    assert "after 3 attempts, 1 recovery," in lines[0]  # a grow-back is no recovery
+    [rec] = [i for i, line in enumerate(lines) if "recovery after attempt 1" in line]
+    assert lines[rec + 1] == ("  grew back after attempt 2: batch 4 → 8 (accumulation 4 → 2) after 5 steps below "
+                              "50 % of the cap (step peak at most 0.40 of 1.00 GiB): ...; the child stopped at step 6,"
+                              " resuming from checkpoint-6 (in force in the child)")
+    # Trust rule 3: "grew back" only where the child showed it
+    text = render_text(summarize_loaded(grown_run(), [_grow_event(False, "per_device_train_batch_size: saw 4")], []))
+    assert "  grow back after attempt 2: batch 4 → 8" in text and "(not applied: per_device_train_batch_size: saw 4)" \
+        in text and "grew back" not in text
+    text = render_text(summarize_loaded(grown_run(), [], []))
+    assert "(not verified in the child: no grow_back verdict journaled for attempt 3)" in text
+    stopped = _run("interrupted", grown_run()["attempts"][:2])
+    assert "(not verified in the child: no later attempt ran it)" in render_text(summarize_loaded(stopped, [], []))
+
+
+def test_the_document_lists_grow_backs():
+    doc = build_document(grown_run(), [_grow_event(True)], [])
+    VALIDATOR.validate(doc)
+    assert len(doc["recoveries"]) == 1
+    [grow] = doc["grow_backs"]
+    assert grow == {"attempt": 2, "reason": GROW["reason"], "resumed_from": "/x/checkpoint-6",
+                    "changes": GROW["changes"], "verified": True, "why": None,
+                    "cost": {"steps_redone": 0, "seconds_to_next_step": None}}
+    assert build_document(recovered_run(), [], [])["grow_backs"] == []

@@ -5,6 +5,10 @@ growth detector and the pressure save need every step's peak. NVML's device-wide
 host RSS (a driver call and a /proc read) are read only for a sample that is journaled (the first
 ``dense_steps``, every ``sample_every``-th, anything notable) or logged: off the hot path (issue 17
 item 3). The error record reads all of them afresh at the failure (``device.memory_snapshot``).
+
+Between journaled samples the steps are not lost to the supervisor's grow-back watch: a journaled CUDA sample
+carries ``window_peak``, the highest step peak since the previous journaled one (this step's included), taken
+from the per-step allocator read already made (no extra CUDA call, no device sync).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class MemoryMonitorCallback(TrainerCallback):
         self.latest: MemorySample | None = None
         self._previous: MemorySample | None = None
         self.growth: Growth | None = None
+        self.window_peak = 0  # bytes: the highest step peak since the last journaled sample (CUDA only)
 
     # -- trainer events -------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -64,9 +69,13 @@ class MemoryMonitorCallback(TrainerCallback):
             self.journal.emit("memory_growth", step=sample.step, slope_bytes_per_step=growth.slope,
                               level=growth.level, cap=growth.cap, projected_step=growth.projected_step)
         self.growth = growth
+        if sample.cuda:
+            self.window_peak = max(self.window_peak, sample.peak)
         if notable or self._due(sample.step):
             sample = self._with_device_and_host(sample)
-            self.journal.emit("memory", step=sample.step, **sample.to_fields())
+            window = {"window_peak": self.window_peak} if sample.cuda else {}
+            self.journal.emit("memory", step=sample.step, **sample.to_fields(), **window)
+            self.window_peak = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None:
