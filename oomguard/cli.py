@@ -296,6 +296,98 @@ def demo(run_dir: Optional[Path] = typer.Option(None, help="Run directory (defau
     raise typer.Exit(int(code))
 
 
+# --- issue 18 (T): plan and tune, from a short probe of the command (docs/TUNING.md) ----------------------
+_PROBE_OPTS = {"batches": "Per-device batches to probe, e.g. 1,2,4,8 (default: 1, 2, 4 … dividing the "
+               "effective batch, and the command's).", "steps": "Optimizer steps per configuration (the last timed)."}
+
+
+def _probe(ctx: typer.Context, kind: str, gpu: Optional[str], vram: Optional[str], policy: Optional[str],
+           run_dir: Optional[Path], batches: Optional[str], steps: int, inject: Optional[str], verbose: bool):
+    from .errors import UsageError
+    from .tune.record import ProbeSpec
+    from .tune.session import default_run_dir, policy_for, run_probe_child
+
+    if not 0 <= ctx.params.get("margin", 0.1) < 1:
+        raise UsageError(f"--margin {ctx.params['margin']}: give the share of the card to keep free, in [0, 1)")
+    try:
+        spec = ProbeSpec(batches=tuple(int(b) for b in batches.split(",")) if batches else None, steps=steps)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    rd = run_dir or default_run_dir(kind)
+    typer.echo(f"[oomguard] {kind}: probing the command (no training, no checkpoints); run dir {rd}", err=True)
+    return run_probe_child(list(ctx.args), run_dir=rd, vram=vram, policy=policy_for(gpu, vram), policy_arg=policy,
+                           probe=spec, inject=inject, echo=verbose)
+
+
+@app.command(context_settings=RUN_ARGS, options_metavar="[OPTIONS] -- COMMAND...")
+def plan(ctx: typer.Context,
+         gpu: Optional[str] = typer.Option(None, help="Ask the ladder of the shipped policy for this card name, "
+                                           "e.g. 'NVIDIA L4' (its size: --vram; default: this machine's card)."),
+         vram: Optional[str] = typer.Option(None, help="Emulate a card of this size, e.g. 24GiB."),
+         policy: Optional[str] = typer.Option(None, help="Policy whose ladder is asked (default: by GPU)."),
+         margin: float = typer.Option(0.10, help="Share of the card a fitting configuration leaves free."),
+         run_dir: Optional[Path] = typer.Option(None, help="Where the probe child writes (default: a new dir)."),
+         batches: Optional[str] = typer.Option(None, help=_PROBE_OPTS["batches"]),
+         steps: int = typer.Option(2, help=_PROBE_OPTS["steps"]),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the probe child's output."),
+         inject: Optional[str] = typer.Option(None, hidden=True, help="Faults for the probe child (tests)."),
+         ) -> None:
+    """Will COMMAND fit, at its worst batch? The fastest configuration that does; the ladder's first move.
+
+    Runs the command once under the supervisor with the probe on: its Trainer measures a few
+    configurations instead of training (minutes), writes probe.json and exits; nothing is trained.
+    """
+    from .tune.choice import make_plan
+    from .tune.render import render_plan
+
+    try:
+        done = _probe(ctx, "plan", gpu, vram, policy, run_dir, batches, steps, inject, verbose)
+        answer = make_plan(done.record, done.policy, margin=margin)
+    except OomguardError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps({"plan": answer.to_dict(), "probe": str(done.run_dir / "probe.json"),
+                               "policy": done.policy.name, "wall_s": round(done.wall_s, 1)}, indent=2))
+    else:
+        typer.echo(render_plan(answer) + f"\nprobe: {done.run_dir / 'probe.json'} ({done.wall_s:.0f} s, "
+                   f"policy {done.policy.name})")
+
+
+@app.command(context_settings=RUN_ARGS, options_metavar="[OPTIONS] -- COMMAND...")
+def tune(ctx: typer.Context,
+         gpu_class: str = typer.Option(..., help="Name of the policy to write, e.g. rtx-24gb (a shipped policy "
+                                       "of that name gives the base and the match rule)."),
+         output: Path = typer.Option(..., "-o", "--output", help="Policy file to write, e.g. policies/rtx-24gb.yaml."),
+         vram: Optional[str] = typer.Option(None, help="Emulate the class's card size on this GPU, e.g. 24GiB."),
+         margin: float = typer.Option(0.10, help="Share of the card the starting configuration leaves free."),
+         run_dir: Optional[Path] = typer.Option(None, help="Where the probe child writes (default: a new dir)."),
+         batches: Optional[str] = typer.Option(None, help=_PROBE_OPTS["batches"]),
+         steps: int = typer.Option(2, help=_PROBE_OPTS["steps"]),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the probe child's output."),
+         inject: Optional[str] = typer.Option(None, hidden=True, help="Faults for the probe child (tests)."),
+         ) -> None:
+    """Write a policy for a GPU class from a probe of COMMAND: starting knobs, ladder order, measurements."""
+    from .policy import load_policy_arg, shipped_policy_paths
+    from .protocol import redact_argv
+    from .tune.choice import make_plan
+    from .tune.render import render_plan
+    from .tune.writer import tuned_policy_text, write_policy
+
+    try:
+        base = load_policy_arg(gpu_class if gpu_class in shipped_policy_paths() else "default")
+        done = _probe(ctx, "tune", None, vram, base.source or None, run_dir, batches, steps, inject, verbose)
+        answer = make_plan(done.record, base, margin=margin)
+        text = tuned_policy_text(done.record, answer, base, name=gpu_class, margin=margin,
+                                 command=shlex.join(redact_argv(list(ctx.args))))
+        written = write_policy(output, text)
+    except OomguardError as exc:
+        _fail(exc)
+    typer.echo(render_plan(answer))
+    typer.echo(f"wrote {output} (policy {written.name}, valid) in {done.wall_s:.0f} s; probe: {done.run_dir}")
+# --- end issue 18 (T) -------------------------------------------------------------------------------------
+
+
 @policy_app.command("validate")
 def policy_validate(files: List[Path] = typer.Argument(..., help="Policy files to check.")) -> None:
     """Check policy files; every problem is printed as FILE: key.path: problem."""

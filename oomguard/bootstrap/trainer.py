@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -24,6 +25,7 @@ from oomguard import protocol
 from oomguard.bootstrap.failsafe import failsafe
 from oomguard.bootstrap.knobs import Via
 from oomguard.bootstrap.switches import Part
+from oomguard.tune.record import ENV_PROBE  # issue 18 probe
 
 if TYPE_CHECKING:  # context imports oomguard.guard, which must wait until the child's code runs
     from oomguard.bootstrap.context import ArgsRecord, Context
@@ -168,6 +170,10 @@ def guarded(ctx: "Context", trainer: Any, original_train, args: tuple, kwargs: d
     """``Trainer.train`` under oomguard: the supervisor's checkpoint, the guard's error handling."""
     from oomguard.guard.train import guarded_train, is_guarded
 
+    if ctx.switches.patching and os.environ.get(ENV_PROBE, "").strip():  # issue 18 probe: measure, never train
+        from oomguard.guard.probe import probe_and_exit
+
+        probe_and_exit(ctx, trainer, original_train)
     if is_guarded(trainer) or not ctx.switches.patching:
         return original_train(trainer, *args, **kwargs)  # already inside guarded_train, or nothing to do
     code_value = kwargs.pop("resume_from_checkpoint", args[0] if args else None)

@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable, Iterator
 
 __all__ = ["FLOOR", "INNER_TRAINING_LOOP", "INTERNALS", "Internal", "SAVE_CHECKPOINT", "TESTED_RANGE", "Use",
+           "set_train_batch_size",
            "allow_numpy_rng_state", "gradient_accumulation_divisor", "inf_norms", "keep_args_batch_size",
            "keep_train_sampler_over", "keep_trainable_dtypes", "loss_scaled_for_ga", "load_optimizer_on_cpu",
            "minor_version", "missing", "missing_loaded",
@@ -40,6 +41,7 @@ class Use(str, enum.Enum):
     WRAPS = "wraps"  # replaced on the instance or class by a function that calls the original
     CALLS = "calls"  # called directly
     READS = "reads"  # an attribute read
+    SETS = "sets"  # an attribute written
     NAMES = "names"  # matched by name (a stack frame)
 
 
@@ -77,6 +79,9 @@ INTERNALS: tuple[Internal, ...] = (
              "after a packed re-index the sampler stays over the re-packed rows only"),
     Internal(_T, "_train_batch_size", Use.READS, None, "guard.resume.ledger",
              "rows of a micro-batch whose tensors cannot tell (padding-free packing)"),
+    Internal(_T, "_train_batch_size", Use.SETS, None, "guard.probe",
+             "the probe trains each configuration by the Trainer's own train(): transformers 5.x reads the batch "
+             "into _train_batch_size once, in __init__"),
     Internal(_T, "model_accepts_loss_kwargs", Use.READS, None, "guard.culprit",
              "a split culprit step copies training_step's rule: is the loss normalised by num_items_in_batch"),
     Internal(_T, "current_gradient_accumulation_steps", Use.WRAPS, None, "guard.culprit",
@@ -210,6 +215,11 @@ def gradient_accumulation_divisor(trainer: Any, divisor: float) -> Iterator[None
 def train_batch_size(trainer: Any) -> int:
     """The per-device batch the train dataloader was built with."""
     return int(trainer._train_batch_size)
+
+
+def set_train_batch_size(trainer: Any, batch: int) -> None:
+    """The per-device batch the next ``train()`` builds its dataloader with (the probe's configurations)."""
+    trainer._train_batch_size = int(batch)
 
 
 def keep_args_batch_size(trainer: Any) -> None:

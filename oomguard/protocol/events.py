@@ -79,6 +79,7 @@ class Event(str, enum.Enum):
     SHUTDOWN_REQUESTED = "shutdown_requested"
     SHUTDOWN_SAVED = "shutdown_saved"
     GROW_STOPPED = "grow_stopped"
+    PROBE_WRITTEN = "probe_written"
     ERROR_RECORDED = "error_recorded"
     NAN_DETECTED = "nan_detected"
     FAULT_INJECTED = "fault_injected"
@@ -241,6 +242,8 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
     (Event.SHUTDOWN_SAVED, _C, f"{_STEP} reason:str path:str", "a checkpoint saved before stopping"),
     (Event.GROW_STOPPED, _C, f"{_STEP} path:str attempt:int",
      "the child saved and stopped for a grow back (the supervisor's request); it exits 0, the run is not over"),
+    (Event.PROBE_WRITTEN, _C, "path:str points:int wall_s:num",
+     "oomguard plan/tune: the child measured its configurations into probe.json and exits 0 without training"),
     (Event.ERROR_RECORDED, _C, f"{_STEP_OR_NONE} kind:str phase:str path:str saved_checkpoint:str|None",
      "the child wrote its error record"),
     (Event.NAN_DETECTED, _C, f"{_STEP} last_finite_step:int|None skipped:int action:str",
