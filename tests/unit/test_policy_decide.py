@@ -320,7 +320,8 @@ def test_bounded_length_rung_is_passed_over_when_it_cuts_too_much():
     first = [attempt(1, pol, K.CUDA_OOM, 3, phase=Phase.FORWARD_BACKWARD, max_step=3)]
     long_tail = DataProfile(100, ((0.0, 200), (0.5, 1100), (0.9, 2048), (1.0, 2048)), 2048)  # 10 % at the cap
     d = decide(pol, first, CKPTS, profile=long_tail)
-    assert d.knobs["max_seq_length"] == 2048 and d.knobs["per_device_train_batch_size"] == 1  # halved: 2 -> 1
+    start = pol.start_knobs()["per_device_train_batch_size"]
+    assert d.knobs["max_seq_length"] == 2048 and d.knobs["per_device_train_batch_size"] == start // 2  # halved
     assert "passed over cuda_oom rung 0 (max_seq_length → " in d.reason and "more than max_token_cut 2%" in d.reason
     short = DataProfile(100, ((0.0, 200), (0.5, 500), (0.99, 900), (1.0, 1000)), 1000)  # nothing near 2048
     d = decide(pol, first, CKPTS, profile=short)
