@@ -24,7 +24,7 @@ import torch
 from oomguard import protocol
 from oomguard.guard.callbacks.faults import FaultInjectionCallback
 from oomguard.guard.callbacks.heartbeat import heartbeat_path
-from oomguard.guard.callbacks.profile import length_profile, sample_indices
+from oomguard.guard.callbacks.profile import is_packed, length_profile, sample_indices
 from oomguard.guard.trainer_patches import set_train_batch_size
 from oomguard.tune.record import ENV_PROBE, PROBE_JSON, ProbePoint, ProbeRecord, ProbeSpec
 
@@ -252,7 +252,7 @@ def run_probe(trainer: Any, original_train: Callable[..., Any], spec: ProbeSpec,
     return ProbeRecord(device=_device_name(cuda), cuda=cuda, vram_limit=env.vram_limit,
                        total_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else None,
                        capacity=_capacity(cuda),
-                       requested=requested, worst_row=worst, rows=rows, packed=_packed(dataset),
+                       requested=requested, worst_row=worst, rows=rows, packed=is_packed(dataset),
                        profile=length_profile(lengths, count=rows),
                        points=tuple(points), base_allocated=base, wall_s=round(time.perf_counter() - started, 2),
                        date=datetime.date.today().isoformat(), versions=_versions(), notes=_notes(cuda, env))
@@ -268,10 +268,6 @@ def _capacity(cuda: bool) -> int | None:
     except Exception:  # noqa: BLE001 - an older torch: the choice falls back to the card size less the context
         return None
     return int(fraction * torch.cuda.get_device_properties(0).total_memory) if fraction < 1 else None
-
-
-def _packed(dataset: Any) -> bool:
-    return "seq_lengths" in (getattr(dataset, "column_names", None) or ())
 
 
 def _device_name(cuda: bool) -> str:

@@ -62,7 +62,7 @@ def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int | None = None) -> list
                          skip_steps=env.nan_skip_steps if nan_skip_steps is None else nan_skip_steps),
         RecipeCallback(env),  # on_train_begin: an ordered learning_rate over the restored schedule; recipe in force
         RewarmCallback(env.run_dir, rank=env.rank, attempt=env.attempt, steps=env.rewarm_steps),
-        ShutdownCallback(env.run_dir, rank=env.rank),  # last: its on_train_end exits after the save
+        ShutdownCallback(env.run_dir, rank=env.rank, attempt=env.attempt),  # last: on_train_end exits after saving
     ]
 
 

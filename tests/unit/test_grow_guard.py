@@ -15,8 +15,8 @@ from oomguard.guard.callbacks.shutdown import GROW_STOP, ShutdownCallback, StopA
 
 
 def _callback(tmp_path, monkeypatch, attempt: int = 2, **kw) -> ShutdownCallback:
-    monkeypatch.setenv(protocol.ENV_ATTEMPT, str(attempt))
-    return ShutdownCallback(tmp_path, supervisor_pid=0, agreement=kw.pop("agreement", StopAgreement(None)), **kw)
+    return ShutdownCallback(tmp_path, supervisor_pid=0, agreement=kw.pop("agreement", StopAgreement(None)),
+                            attempt=attempt, **kw)
 
 
 def _step(cb: ShutdownCallback, n: int) -> bool:

@@ -71,11 +71,6 @@ def _last_step(state) -> bool:
     return isinstance(max_steps, int) and max_steps > 0 and state.global_step >= max_steps
 
 
-def _attempt() -> int | None:
-    raw = os.environ.get(protocol.ENV_ATTEMPT, "").strip()
-    return int(raw) if raw.isdigit() else None
-
-
 def _supervisor_pid() -> int | None:
     raw = os.environ.get(protocol.ENV_SUPERVISOR_PID, "").strip()
     return int(raw) if raw.isdigit() else None
@@ -135,12 +130,12 @@ class ShutdownCallback(TrainerCallback):
     """Turns a stop signal (or a dead supervisor) into save-then-exit at the next step end."""
 
     def __init__(self, run_dir: str | Path | None = None, *, rank: int = 0, supervisor_pid: int | None = None,
-                 agreement: StopAgreement | None = None):
+                 agreement: StopAgreement | None = None, attempt: int | None = None):
         self.journal = EventWriter(run_dir, rank)
         self.rank = rank
         self.agreement = agreement or StopAgreement()
         self.supervisor_pid = supervisor_pid if supervisor_pid is not None else _supervisor_pid()
-        self.attempt = _attempt()
+        self.attempt = attempt  # GuardEnv.attempt: a grow request names the attempt it is for
         self.signum: int | None = None
         self.reason = ""
         self._previous: dict[int, object] = {}
