@@ -14,7 +14,8 @@ import dataclasses
 import enum
 from typing import Any, Mapping
 
-__all__ = ["ACTIVATION_OFFLOAD", "ALLOC_CONF_ENVS", "BATCH", "coerce", "CORE", "Delivery", "effective_batch",
+__all__ = ["ACTIVATION_OFFLOAD", "ALLOC_CONF_ENVS", "alloc_conf_in", "BATCH", "coerce", "CORE", "Delivery",
+           "effective_batch",
            "ENV_KNOBS", "EVAL_BATCH", "EXPANDABLE_SEGMENTS", "flag_spellings", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING",
            "KnobSpec", "LEARNING_RATE", "LORA_ALPHA", "LORA_R", "MAX_GRAD_NORM", "MAX_SEQ_LENGTH", "needs",
            "NUM_WORKERS", "OPTIM", "OPTIMIZER_NAMES", "OUTPUT_DIR_FLAGS", "PRECISION", "PRECISION_BOOL_FIELDS",
@@ -38,6 +39,16 @@ OPTIM = "optim"
 EXPANDABLE_SEGMENTS = "expandable_segments"
 # torch >= 2.9 reads PYTORCH_ALLOC_CONF first, PYTORCH_CUDA_ALLOC_CONF when it is unset (c10 AllocatorConfig)
 ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def alloc_conf_in(environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(the allocator variable torch reads, its value): the first of :data:`ALLOC_CONF_ENVS` that is set
+    (``PYTORCH_ALLOC_CONF`` wins, torch >= 2.9); (None, "") when neither is. The supervisor (what to merge an
+    ``expandable_segments`` order into) and the child (what it was started with) read it alike."""
+    for name in ALLOC_CONF_ENVS:
+        if environ.get(name) is not None:
+            return name, environ[name]
+    return None, ""
 
 # transformers' ``OptimizerNames`` values (5.17-5.24); a unit test checks the list against the installed enum
 # (the policy layer cannot import transformers).

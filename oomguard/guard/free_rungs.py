@@ -66,10 +66,8 @@ def args_knobs(args: Any, knobs: dict[str, Any], fields: dict[str, str]) -> None
 
 def alloc_conf_in_env(environ: Mapping[str, str]) -> tuple[str, str]:
     """(the variable torch reads, its value): ``PYTORCH_ALLOC_CONF`` when set, else ``PYTORCH_CUDA_ALLOC_CONF``."""
-    for name in K.ALLOC_CONF_ENVS:
-        if environ.get(name) is not None:
-            return name, environ.get(name) or ""
-    return K.ALLOC_CONF_ENVS[-1], ""
+    name, conf = K.alloc_conf_in(environ)
+    return name or K.ALLOC_CONF_ENVS[-1], conf
 
 
 def expandable_in(conf: str) -> bool:

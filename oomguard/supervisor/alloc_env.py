@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from oomguard.knobs import ALLOC_CONF_ENVS, EXPANDABLE_SEGMENTS
+from oomguard.knobs import ALLOC_CONF_ENVS, EXPANDABLE_SEGMENTS, alloc_conf_in
 
 __all__ = ["AllocEnv", "DEFAULT_CONF", "alloc_env", "merge_option"]
 
@@ -30,13 +30,6 @@ class AllocEnv:
 
     updates: dict[str, str]
     note: str = ""
-
-
-def _in_effect(env: Mapping[str, str]) -> tuple[str | None, str]:
-    for name in ALLOC_CONF_ENVS:
-        if env.get(name) is not None:
-            return name, env[name]
-    return None, ""
 
 
 def merge_option(conf: str, key: str, value: str) -> tuple[str, str | None]:
@@ -61,7 +54,7 @@ def alloc_env(env: Mapping[str, str], orders: Mapping[str, Any]) -> AllocEnv:
 
         env.update(alloc_env(env, attempt.orders).updates)
     """
-    name, conf = _in_effect(env)
+    name, conf = alloc_conf_in(env)
     if EXPANDABLE_SEGMENTS not in orders:
         return AllocEnv({} if name is not None else {_CUDA_VAR: DEFAULT_CONF})
     want = "True" if orders[EXPANDABLE_SEGMENTS] is True else "False"
