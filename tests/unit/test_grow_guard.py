@@ -14,7 +14,7 @@ from oomguard.guard.callbacks.faults import parse_fake_memory
 from oomguard.guard.callbacks.shutdown import GROW_STOP, ShutdownCallback, StopAgreement, grow_requested
 
 
-def _callback(tmp_path, monkeypatch, attempt: int = 2, **kw) -> ShutdownCallback:
+def _callback(tmp_path, attempt: int = 2, **kw) -> ShutdownCallback:
     return ShutdownCallback(tmp_path, supervisor_pid=0, agreement=kw.pop("agreement", StopAgreement(None)),
                             attempt=attempt, **kw)
 
@@ -39,8 +39,8 @@ def _events(run_dir, name: str) -> list[dict]:
     return [e for e in protocol.read_jsonl(run_dir / protocol.EVENTS_JSONL) if e["event"] == name]
 
 
-def test_a_request_for_this_attempt_saves_at_the_step_end_and_exits_0_with_its_own_event(tmp_path, monkeypatch):
-    cb = _callback(tmp_path, monkeypatch)
+def test_a_request_for_this_attempt_saves_at_the_step_end_and_exits_0_with_its_own_event(tmp_path):
+    cb = _callback(tmp_path)
     assert not _step(cb, 3)
     _ask(tmp_path, 2)
     assert _step(cb, 4) and cb.signum == GROW_STOP
@@ -50,8 +50,8 @@ def test_a_request_for_this_attempt_saves_at_the_step_end_and_exits_0_with_its_o
     assert not _events(tmp_path, "shutdown_saved") and _events(tmp_path, "shutdown_requested")
 
 
-def test_a_request_on_the_last_step_is_ignored_the_run_is_over(tmp_path, monkeypatch):
-    cb = _callback(tmp_path, monkeypatch)
+def test_a_request_on_the_last_step_is_ignored_the_run_is_over(tmp_path):
+    cb = _callback(tmp_path)
     _ask(tmp_path, 2)
     control = SimpleNamespace(should_save=False, should_training_stop=False)
     cb.on_step_end(None, SimpleNamespace(global_step=10, max_steps=10), control)
@@ -59,8 +59,8 @@ def test_a_request_on_the_last_step_is_ignored_the_run_is_over(tmp_path, monkeyp
     assert _step(cb, 9) and cb.signum == GROW_STOP  # before the last step it stops
 
 
-def test_a_stale_or_torn_request_is_ignored(tmp_path, monkeypatch):
-    cb = _callback(tmp_path, monkeypatch, attempt=3)
+def test_a_stale_or_torn_request_is_ignored(tmp_path):
+    cb = _callback(tmp_path, attempt=3)
     _ask(tmp_path, 2)
     assert not _step(cb, 4) and not grow_requested(tmp_path, 3)
     (tmp_path / protocol.GROW_REQUEST_JSON).write_text('{"attempt": 3')
@@ -68,18 +68,18 @@ def test_a_stale_or_torn_request_is_ignored(tmp_path, monkeypatch):
     assert not grow_requested(None, 3) and not grow_requested(tmp_path, None)
 
 
-def test_a_stop_signal_replaces_a_pending_grow_back_stop(tmp_path, monkeypatch):
-    cb = _callback(tmp_path, monkeypatch)
+def test_a_stop_signal_replaces_a_pending_grow_back_stop(tmp_path):
+    cb = _callback(tmp_path)
     cb.request(GROW_STOP, "grow")
     cb._handle(signal.SIGTERM, None)
     assert _step(cb, 4) and _end(cb, tmp_path, 4) == 128 + signal.SIGTERM
     assert _events(tmp_path, "shutdown_saved") and not _events(tmp_path, "grow_stopped")
 
 
-def test_the_ranks_stop_at_one_step_for_a_grow_back_too(tmp_path, monkeypatch):
+def test_the_ranks_stop_at_one_step_for_a_grow_back_too(tmp_path):
     store = DictStore()
-    asked = _callback(tmp_path, monkeypatch, agreement=StopAgreement(store))
-    other = _callback(tmp_path, monkeypatch, attempt=9, rank=1, agreement=StopAgreement(store))  # never reads it
+    asked = _callback(tmp_path, agreement=StopAgreement(store))
+    other = _callback(tmp_path, attempt=9, rank=1, agreement=StopAgreement(store))  # never reads it
     _ask(tmp_path, 2)
     assert not _step(asked, 5) and not _step(other, 5)  # proposed: the end of step 6
     assert _step(asked, 6) and _step(other, 6) and other.signum == GROW_STOP
