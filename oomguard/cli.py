@@ -109,11 +109,12 @@ def run(ctx: typer.Context,
         on_end: Optional[str] = typer.Option(None, metavar="CMD", help="Run this shell command when the run ends, "
                                              "the `report --json` document on its stdin."),
         on_end_timeout: float = typer.Option(300.0, metavar="SECONDS", help="Stop the --on-end command after this."),
-        warm_spare: bool = typer.Option(False, "--warm-spare/--no-warm-spare",
-                                        help="Experimental, off by default: keep one pre-imported interpreter "
-                                        "(host memory only, no CUDA) that becomes the next attempt's child. "
-                                        "On CPU a restart skips the imports; on a CUDA machine it saved nothing "
-                                        "yet (docs/BENCHMARKS.md)."),
+        warm_spare: Optional[bool] = typer.Option(None, "--warm-spare/--no-warm-spare",
+                                                  help="On by default (OOMGUARD_WARM_SPARE=0 turns the default "
+                                                  "off): keep one pre-imported interpreter (host memory only, no "
+                                                  "CUDA) that becomes the next attempt's child, or the launcher "
+                                                  "whose single-process worker forks from it (accelerate, trl). "
+                                                  "Never attempt 1 (docs/BENCHMARKS.md)."),
         # --- issue 20 (N): several nodes, one supervisor per node (docs/DISTRIBUTED.md) -------------------
         node_rank: Optional[int] = typer.Option(None, help="This node's rank in a job of several nodes (default: "
                                                 "the command's --node-rank/--machine_rank, PET_NODE_RANK, "

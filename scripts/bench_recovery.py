@@ -41,7 +41,7 @@ from oomguard.protocol import read_jsonl  # noqa: E402
 
 POLICIES = ROOT / "oomguard" / "policies"
 WAYS = ("oomguard", "plain", "auto")  # run order: the one under test first
-# also: "clean" = plain from scratch at the learning rate the oomguard way ended with (issue 19 b);
+# also: "clean" = plain from scratch at the learning rate and precision the oomguard way ended with (issue 19 b);
 # "plain_es" = plain with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the allocator
 # setting oomguard gives its child (separates that effect from the ladder's)
 ES = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -232,17 +232,22 @@ def run_scenarios(args) -> None:
         entry = {"spec": dataclasses.asdict(s), "examples": len(lengths), "tokens": sum(lengths) + len(lengths),
                  "ways": {}}
         results["scenarios"][name] = entry
+        prior = json.loads(Path(args.prior).read_text())["scenarios"].get(name, {}) if args.prior else {}
+        for way, r in prior.get("ways", {}).items():  # an earlier run's ways (the clean way reads its final LR)
+            if way not in args.ways.split(","):
+                entry["ways"][way] = {**r, "from": args.prior}
         for way in args.ways.split(","):
             if args.deadline and time.time() > args.deadline:
                 entry["ways"][way] = {"way": way, "skipped": "deadline (GPU time) passed before it started"}
                 continue
             ran = s
             if way == "clean":  # from scratch at the learning rate oomguard ended with (none: nothing to compare)
-                lr = entry["ways"].get("oomguard", {}).get("final", {}).get("learning_rate")
+                final = entry["ways"].get("oomguard", {}).get("final", {})
+                lr = final.get("learning_rate")
                 if lr is None or lr == s.learning_rate:
                     entry["ways"][way] = {"way": way, "skipped": f"oomguard's final learning rate is {lr}"}
                     continue
-                ran = dataclasses.replace(s, learning_rate=float(lr))
+                ran = dataclasses.replace(s, learning_rate=float(lr), precision=final.get("precision", s.precision))
             r = run_way(way, ran, args.model, data, work / name / way, args.inject)
             r["truncated_share"] = round(bench_common.truncation_share(lengths, r["final"]["max_seq_length"]), 4)
             entry["ways"][way] = r
@@ -457,6 +462,8 @@ def main() -> None:
     r.add_argument("--inject", default=None, help="oomguard --inject (CPU dry runs)")
     r.add_argument("--tiny", action="store_true")
     r.add_argument("--deadline", type=float, default=None, help="epoch seconds: start no way after it")
+    r.add_argument("--prior", default=None, help="an earlier run's results: its ways not run now are kept "
+                   "(marked with 'from'), e.g. the oomguard way whose final LR the clean way trains at")
     sw = sub.add_parser("sweep")
     sw.add_argument("--model", required=True)
     sw.add_argument("--out", required=True)

@@ -84,6 +84,8 @@ class Event(str, enum.Enum):
     NAN_DETECTED = "nan_detected"
     FAULT_INJECTED = "fault_injected"
     VRAM_LIMIT = "vram_limit"
+    # child: a warm launcher's worker (issue 17, spare/fork_worker.py)
+    WORKER_START = "worker_start"
     # child: the bootstrap and the recipe in force
     BOOTSTRAP_TRAINER = "bootstrap_trainer"
     BOOTSTRAP_LORA = "bootstrap_lora"
@@ -193,6 +195,9 @@ _TABLE: tuple[tuple[Event, EventSource, str, str], ...] = (
     (Event.CHILD_START, _S, "attempt:int start:str reason:str|None waited_s:num spare_pid?:int|None "
      "spare_rss?:int|None preloaded?:list spare_ready_s?:num",
      "attempt >= 2: a warm start (the spare's pre-imported interpreter became the child) or a cold one, and why"),
+    (Event.WORKER_START, _C, "attempt:int start:str reason:str",
+     "a warm launcher's single-process worker: forked from it, imports done (fork), or started as the launcher "
+     "asked (exec), and why"),
     (Event.GPU_RELEASE_WAIT, _S, "released:bool waited_s:num", "waited for the GPU memory to come back"),
     (Event.NOTIFICATION, _S, "kind:str target:str ok:bool status:int|None error:str|None",
      "a --notify POST (kind end|recovery; target: scheme://host/ only, the URL's path is a secret)"),

@@ -46,9 +46,14 @@ def main(argv: list) -> None:
     plan, orders_fd, ready_fd = json.loads(argv[1]), int(argv[2]), int(argv[3])
     kind, name = plan["kind"], plan["name"]
     sys.path[0:1] = [path0(kind, name)]  # imports resolve as they will in the child
-    from oomguard.spare.preload import preload, wanted
+    from oomguard.spare.preload import DEFAULT, preload, wanted
 
-    report = preload(wanted(kind, name, plan.get("drop", ())))
+    drop = plan.get("drop", ())
+    modules = wanted(kind, name, drop)
+    for also_kind, also_name in plan.get("also", ()):  # a launcher's worker: what it will import
+        modules += [(m, ()) for m in DEFAULT if m not in drop] if also_kind == "default" else \
+            wanted(also_kind, also_name, drop)
+    report = preload(modules)
     report.update(pid=os.getpid(), rss=_rss(), ready=report["cuda"] is None)
     _say_ready(ready_fd, report)
     if report["cuda"] is not None:

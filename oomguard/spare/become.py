@@ -23,10 +23,11 @@ import sys
 import types
 from typing import Any, Callable, Mapping
 
-__all__ = ["Saved", "become", "path0", "restore_signals", "save_state"]
+__all__ = ["Saved", "become", "path0", "restore_signals", "run_code", "save_state"]
 
 _BOOTSTRAP_OFF = ("0", "off", "false", "no")
-_OURS = frozenset({os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"),
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_OURS = frozenset({os.path.abspath(__file__), os.path.join(_HERE, "__main__.py"), os.path.join(_HERE, "fork_worker.py"),
                    "<frozen runpy>", getattr(runpy, "__file__", "") or ""})
 
 
@@ -159,6 +160,15 @@ def become(orders: Mapping[str, Any], saved: Saved, kind: str, name: str) -> Non
     sys.path[:] = [path0(kind, name), *saved.base_path]
     _install_bootstrap()
     sys.excepthook = _excepthook(sys.excepthook)
+    if orders.get("fork_worker"):  # a launcher: its single-process worker may fork from it (fork_worker.py)
+        from oomguard.spare.fork_worker import arm
+
+        arm(saved)
+    run_code(kind, name)
+
+
+def run_code(kind: str, name: str) -> None:
+    """Run the script or module as ``__main__``, as ``python NAME`` / ``python -m NAME`` does."""
     if kind == "module":
         _run_module(name)
     else:

@@ -7,8 +7,10 @@ lazily: that is where the seconds go). A ``-m`` module's source is found without
 package. A script that names none of them (a console script) gets :data:`DEFAULT`; one of the
 standard library alone gets no spare. Never ``bitsandbytes``: it initialises CUDA at import on a
 GPU machine, and peft (trl through it) imports it at import, so with a CUDA torch and bitsandbytes
-installed those are left to the child (:func:`cuda_unsafe`). (Rolling back a half-done import was
-tried and is unsafe: torchvision's kernel registrations do not survive a second import.) A module
+installed those are left to the child (:func:`cuda_unsafe`) unless NVML can answer bitsandbytes'
+two device queries (:mod:`.cuda_view`): then they are imported under that view, and CUDA stays
+untouched. (Rolling back a half-done import was tried and is unsafe: torchvision's kernel
+registrations do not survive a second import.) A module
 whose import initialises CUDA anyway stops the preload (the spare exits with ``EXIT_CUDA``; the
 supervisor starts the next spare without that module).
 """
@@ -16,6 +18,7 @@ supervisor starts the next spare without that module).
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import sys
 import time
@@ -130,32 +133,49 @@ def _installed(name: str) -> bool:
 
 
 def preload(plan: list[tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
-    """Import ``plan``; what was imported, what was not (module -> why), the seconds, and the module
-    that initialised CUDA (then the rest is not imported)."""
+    """Import ``plan``; what was imported, what was not (module -> why), the seconds, the module that
+    initialised CUDA (then the rest is not imported), the NVML view bitsandbytes' importers were
+    imported under (or why there was none) and whether anything called ``cuInit``."""
+    from oomguard.spare.cuda_view import answers, driver_initialised, nvml_view
+
     t0, done, failed = time.perf_counter(), [], {}
     unsafe: set[str] | None = None
-    for module, names in _merged(plan):
-        if unsafe is None and "torch" in sys.modules:
-            unsafe = cuda_unsafe(plan, _torch_cuda_build(), _installed("bitsandbytes"))
-        if unsafe and module in unsafe:
-            failed[module] = "left to the child: it imports bitsandbytes, which initialises CUDA"
-            continue
-        try:
-            mod = importlib.import_module(module)
-            for attr in names:
-                _resolve(mod, module, attr)
-        except Exception as exc:  # noqa: BLE001 - not importable here: the script will say so itself
-            failed[module] = f"{type(exc).__name__}: {exc}"[:300]
-        if cuda_initialised():
-            return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": module}
-        if module not in failed:
-            done.append(module)
-    return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": None}
+    view: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for module, names in _merged(plan):
+            if unsafe is None and "torch" in sys.modules:
+                unsafe = cuda_unsafe(plan, _torch_cuda_build(), _installed("bitsandbytes"))
+                if unsafe:
+                    caps = answers(sys.modules["torch"].cuda)
+                    view = {"nvml_view": list(caps)} if isinstance(caps, tuple) else {"no_nvml_view": caps}
+                    if isinstance(caps, tuple):
+                        stack.enter_context(nvml_view(sys.modules["torch"].cuda, caps))
+                        unsafe = set()
+            if unsafe and module in unsafe:
+                failed[module] = ("left to the child: it imports bitsandbytes, which initialises CUDA, and NVML "
+                                  f"could not answer for it ({view.get('no_nvml_view')})")
+                continue
+            try:
+                mod = importlib.import_module(module)
+                for attr in names:
+                    _resolve(mod, module, attr)
+            except Exception as exc:  # noqa: BLE001 - not importable here: the script will say so itself
+                failed[module] = f"{type(exc).__name__}: {exc}"[:300]
+            if cuda_initialised():
+                return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": module,
+                        "driver_initialised": driver_initialised(), "bitsandbytes": "bitsandbytes" in sys.modules,
+                        **view}
+            if module not in failed:
+                done.append(module)
+    return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": None,
+            "driver_initialised": driver_initialised(), "bitsandbytes": "bitsandbytes" in sys.modules, **view}
 
 
 def _merged(plan: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, tuple[str, ...]]]:
     """One entry per module (its names merged), in first-seen order; torch first when named."""
     merged: dict[str, list[str]] = {}
+    if any(m.split(".")[0] in BNB_IMPORTERS for m, _ in plan) and _installed("torch"):
+        merged["torch"] = []  # they import it anyway; first, so the NVML view is up before bitsandbytes
     for module, names in plan:
         merged.setdefault(module, [])
         merged[module] += [n for n in names if n not in merged[module]]

@@ -48,9 +48,10 @@ from .launch import LauncherKind, classify_launcher
 from .process import StopFlag, start_spare
 from .trackers import TRACKER_ENV
 
-__all__ = ["READY_TIMEOUT_S", "START_AFTER_S", "Spare", "Spares", "Target", "close_all", "import_env",
-           "runs_torch", "spares_for", "warm_target"]
+__all__ = ["ENV_WARM_SPARE", "READY_TIMEOUT_S", "START_AFTER_S", "Spare", "Spares", "Target", "close_all", "default_on",
+           "import_env", "runs_torch", "spares_for", "warm_target"]
 
+ENV_WARM_SPARE = "OOMGUARD_WARM_SPARE"  # "0"/"off"/"false"/"no": the default is off (--warm-spare still turns it on)
 START_AFTER_S = 20.0  # a spare is started this long after the launch even before a heartbeat moved
 READY_TIMEOUT_S = 120.0  # after its start, a spare not ready by then is a cold start
 MIN_HOST_AVAILABLE = 3 << 30  # bytes of available host memory below which no spare is started
@@ -71,9 +72,16 @@ class Target:
     name: str
     argv: tuple[str, ...]
     orig_argv: tuple[str, ...]
+    launcher: str | None = None  # accelerate / trl: its single-process worker forks from it (spare/fork_worker.py)
+    also: tuple[tuple[str, str], ...] = ()  # what else it preloads: ("script", the worker path) or ("default", "")
 
     def same_start(self, other: "Target") -> bool:
         return (self.interpreter, self.kind, self.name) == (other.interpreter, other.kind, other.name)
+
+
+def default_on(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a run without --warm-spare/--no-warm-spare keeps a spare: yes, unless OOMGUARD_WARM_SPARE says no."""
+    return environ.get(ENV_WARM_SPARE, "").strip().lower() not in ("0", "off", "false", "no")
 
 
 def import_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -173,14 +181,34 @@ def _target(argv: Sequence[str], env: Mapping[str, str]) -> Target | str:
     if os.path.basename(argv[0]) == "env":
         return "the command starts with `env` (it changes the environment the interpreter starts with)"
     launcher = classify_launcher(argv, env.get("PATH"))
-    if launcher in (LauncherKind.ACCELERATE, LauncherKind.TORCHRUN, LauncherKind.TRL) or \
-            os.path.basename(argv[0]) in LAUNCHER_NAMES:
-        return f"{launcher.value} starts its worker in a process of its own (launcher chains start cold for now)"
+    if launcher in (LauncherKind.ACCELERATE, LauncherKind.TRL):
+        target = _python_target(argv) if _is_python(argv[0]) else _entry_target(argv, env)
+        if isinstance(target, str):
+            return target
+        return dataclasses.replace(target, launcher=launcher.value, also=_worker_preload(launcher, argv))
+    if launcher is LauncherKind.TORCHRUN or os.path.basename(argv[0]) in LAUNCHER_NAMES:
+        return (f"{launcher.value if launcher is LauncherKind.TORCHRUN else os.path.basename(argv[0])} starts its "
+                "workers through an agent of its own (only accelerate's and trl's single-process launch run warm)")
     if launcher in (LauncherKind.PYTHON_SCRIPT, LauncherKind.PYTHON_MODULE):
         return _python_target(argv)
     if launcher is LauncherKind.PYTHON_ENTRY:
         return _entry_target(argv, env)
     return f"a {launcher.value} command is not one Python process (only python script / -m / console scripts)"
+
+
+def _is_python(arg0: str) -> bool:
+    return os.path.basename(arg0).startswith("python")
+
+
+def _worker_preload(launcher: LauncherKind, argv: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """What the launcher's worker will import, for the spare to preload: ``accelerate launch``'s training
+    script (the first existing ``.py`` argument after ``launch``), else the default stack (trl's own
+    scripts import it). A guess only decides what is preloaded, never what runs."""
+    if launcher is LauncherKind.ACCELERATE and "launch" in argv:
+        for arg in argv[list(argv).index("launch") + 1:]:
+            if arg.endswith(".py") and os.path.isfile(arg):
+                return (("script", os.path.abspath(arg)),)
+    return (("default", ""),)
 
 
 class Spare:
@@ -195,7 +223,8 @@ class Spare:
         log_dir.mkdir(parents=True, exist_ok=True)
         orders_r, self.orders_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
-        plan = json.dumps({"kind": target.kind, "name": target.name, "drop": sorted(drop)})
+        plan = json.dumps({"kind": target.kind, "name": target.name, "drop": sorted(drop),
+                           "also": [list(pair) for pair in target.also]})
         argv = [*target.interpreter, "-m", "oomguard.spare", plan, str(orders_r), str(ready_w)]
         with (log_dir / "stdout.log").open("wb") as out, (log_dir / "stderr.log").open("wb") as err:
             started = start_spare(argv, env, out, err, (orders_r, ready_w))
@@ -390,7 +419,7 @@ class Spares:
     def _take(self, argv: Sequence[str], env: Mapping[str, str], out_path: Path, err_path: Path,
               stop: StopFlag) -> tuple[subprocess.Popen | None, str | None, Spare | None]:
         if not self.enabled:
-            return None, "cold start: the warm spare is off (the default; --warm-spare turns it on)", None
+            return None, "cold start: the warm spare is off (--no-warm-spare or OOMGUARD_WARM_SPARE=0)", None
         if self.distrust:
             return None, f"cold start: {self.distrust}", None
         target = warm_target(argv, env)
@@ -408,10 +437,14 @@ class Spares:
             spare.kill()
             return None, f"cold start: {why}", None
         orders = {"argv": list(target.argv), "orig_argv": list(target.orig_argv), "env": dict(env),
-                  "cwd": os.getcwd(), "stdout": str(out_path.absolute()), "stderr": str(err_path.absolute())}
+                  "cwd": os.getcwd(), "stdout": str(out_path.absolute()), "stderr": str(err_path.absolute()),
+                  "fork_worker": target.launcher is not None}
         if not spare.hand_over(orders, out_path, err_path):
             spare.kill()
             return None, "cold start: the spare was gone when handed the attempt", None
+        if target.launcher is not None:
+            return spare.popen, (f"warm start: the spare's interpreter runs the {target.launcher} launcher; a "
+                                 "single-process worker forks from it (worker_start says)"), spare
         return spare.popen, "warm start: the spare's interpreter runs the attempt", spare
 
     def _unusable(self, spare: Spare, target: Target, env: Mapping[str, str], stop: StopFlag) -> str | None:

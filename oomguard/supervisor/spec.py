@@ -19,6 +19,7 @@ from .gpu import detect_gpu, emulated_gpu
 from .launch import is_builtin_recipe
 from .nodes import NodeRole
 from .process import exec_problem
+from .spare import default_on
 
 __all__ = ["MIN_FREE_BYTES", "Recovery", "RecoveryHook", "RunSpec", "build_spec", "check_run_dir", "first_orders",
            "policy_flags", "policy_knobs", "resolve_policy", "say"]
@@ -72,7 +73,7 @@ class RunSpec:
     verbose: bool = False  # the child's tracebacks whole (``--verbose``), else condensed
     redirect_checkpoints: bool = False  # --checkpoint-dir given: the bootstrap moves output_dir there
     start_from_policy: bool = False
-    warm_spare: bool = False  # keep a pre-imported interpreter for the next attempt (supervisor/spare.py)
+    warm_spare: bool = False  # a pre-imported interpreter for the next attempt (spare.py; build_spec: default_on())
     # called after each recovery decision is journaled (a notifier); an exception from it is logged, never fatal
     on_recovery: RecoveryHook | None = None
     node: NodeRole | None = None  # this node's place in a job of several (supervisor/nodes.py); None: one node
@@ -217,7 +218,7 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                checkpoint_dir: Path | None = None, vram_limit: str | None = None,
                inject: str | None = None, echo: bool = True, start_from_policy: bool = False,
                on_recovery: RecoveryHook | None = None, verbose: bool = False,
-               warm_spare: bool = False, node: NodeRole | None = None, node_timeout_s: float = 300.0) -> RunSpec:
+               warm_spare: bool | None = None, node: NodeRole | None = None, node_timeout_s: float = 300.0) -> RunSpec:
     _check_options(vram_limit, inject)
     if node is not None and not node_timeout_s > 0:
         raise UsageError(f"--node-timeout {node_timeout_s:g}: give the seconds to wait for another node (> 0)")
@@ -235,7 +236,8 @@ def build_spec(command: Sequence[str], *, policy_arg: str | None, run_dir: Path,
                    world_size=world_size_of(cmd, node.count if node else None), gpu=gpu, vram_limit=vram_limit,
                    inject=inject, echo=echo,
                    verbose=verbose, redirect_checkpoints=checkpoint_dir is not None, start_from_policy=start,
-                   on_recovery=on_recovery, warm_spare=warm_spare, node=node, node_timeout_s=node_timeout_s)
+                   on_recovery=on_recovery, warm_spare=default_on() if warm_spare is None else warm_spare, node=node,
+                   node_timeout_s=node_timeout_s)
 
 
 def say(spec: RunSpec, text: str) -> None:

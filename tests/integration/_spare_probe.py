@@ -27,6 +27,7 @@ def seen() -> dict:
         "stderr_log": os.path.basename(os.path.realpath("/proc/self/fd/2")),
         "cuda_initialized": bool(torch.cuda.is_initialized()) if torch is not None else None,
         "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
+        "threads": torch.get_num_threads() if torch is not None else None,
     }
 
 

@@ -62,7 +62,7 @@ def test_attempt_two_runs_warm_and_resumes_exactly_as_a_cold_start(tmp_path):
     assert started[2]["start"] == "warm", started
     assert warm_run["attempts"][1]["pid"] == started[2]["spare_pid"]
     assert [e for e in cold_events if e["event"] == "child_start"][0]["reason"] == \
-        "cold start: the warm spare is off (the default; --warm-spare turns it on)"
+        "cold start: the warm spare is off (--no-warm-spare or OOMGUARD_WARM_SPARE=0)"
     assert not any(e["event"] == "child_start" and e["attempt"] == 1 for e in warm_events + cold_events)
     # exact resume: the same rows per step, every step once, the same losses step by step
     warm_ledger, cold_ledger = (read_ledger(ledger_file(tmp_path / f"run{s}")) for s in ("--warm-spare",

@@ -60,6 +60,9 @@ def test_trl_sft_cli(tmp_path, model_dir, data_dir):
     paths = knob_paths(of(events, "bootstrap_trainer", 2)[0])
     assert paths["per_device_train_batch_size"] == "flag" and paths["gradient_accumulation_steps"] == "in_process"
     assert [e["bootstrap"] for e in of(events, "attempt_ended")] == ["in_process", "in_process"]
+    # the warm spare is on by default: attempt 2's trl launcher ran in it and its worker forked from it
+    assert of(events, "child_start", 2)[0]["start"] == "warm"
+    assert [e["start"] for e in of(events, "worker_start")] == ["fork"]
     for saved in (out / "checkpoint-4" / "training_args.bin", out / "training_args.bin"):  # checkpoint, final
         args = saved_args(saved)
         assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
@@ -77,6 +80,8 @@ def test_accelerate_launch_of_a_plain_trainer_script(tmp_path):
     trainer_event = of(events, "bootstrap_trainer", 2)[0]
     assert trainer_event["output_dir"] is None and run["checkpoint_dir"] == str(tmp_path / "out")
     assert knob_paths(trainer_event)["per_device_train_batch_size"] == "in_process"
+    assert of(events, "child_start", 2)[0]["start"] == "warm"  # the launcher in the spare, its worker a fork of it
+    assert [e["start"] for e in of(events, "worker_start")] == ["fork"]
     args = saved_args(Path(run["checkpoint_dir"]) / "checkpoint-4" / "training_args.bin")
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
     # the script's own auto_find_batch_size=True ran off, and the journal says so on every attempt

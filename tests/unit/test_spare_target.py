@@ -37,10 +37,11 @@ def test_a_module_gets_the_argv_python_m_gives_before_runpy():
     (["python"], "no script"),
     (["python", "missing.py"], "is not a file"),
     (["env", "A=1", "python", "x.py"], "starts with `env`"),
-    (["accelerate", "launch", "x.py"], "accelerate starts its worker"),
-    (["torchrun", "--nproc_per_node", "1", "x.py"], "torchrun starts its worker"),
-    (["python", "-m", "torch.distributed.run", "x.py"], "torchrun starts its worker"),
-    (["trl", "sft", "--output_dir", "o"], "trl starts its worker"),
+    (["accelerate", "launch", "x.py"], "accelerate is not on PATH"),
+    (["torchrun", "--nproc_per_node", "1", "x.py"], "torchrun starts its workers through an agent"),
+    (["python", "-m", "torch.distributed.run", "x.py"], "torchrun starts its workers through an agent"),
+    (["deepspeed", "x.py"], "deepspeed starts its workers through an agent"),
+    (["trl", "sft", "--output_dir", "o"], "trl is not on PATH"),
     (["bash", "-c", "echo hi"], "not one Python process"),
 ])
 def test_what_starts_cold_says_why(argv, why):
@@ -123,3 +124,21 @@ def test_the_preload_imports_each_module_once_torch_first(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     report = __import__("json").loads(out.stdout.splitlines()[-1])
     assert report["imported"] == ["torch", "json"] and report["cuda"] is None
+
+
+def test_accelerate_and_trl_launchers_run_warm_with_their_workers_imports_planned(tmp_path, script):
+    """The launcher is a console script run warm; its worker forks from it (spare/fork_worker.py), so the
+    spare also preloads what the worker imports: accelerate's training script, or the default stack for trl."""
+    for name, module in (("accelerate", "accelerate.commands.accelerate_cli"), ("trl", "trl.cli.main")):
+        exe = tmp_path / name
+        exe.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n")
+        exe.chmod(0o755)
+    env = {"PATH": str(tmp_path)}
+    acc = warm_target(["accelerate", "launch", "--num_processes", "1", str(script), "--lr", "1"], env)
+    assert isinstance(acc, Target) and acc.launcher == "accelerate" and acc.kind == "script"
+    assert acc.also == (("script", str(script)),) and acc.name == str(tmp_path / "accelerate")
+    trl = warm_target(["trl", "sft", "--output_dir", "o"], env)
+    assert isinstance(trl, Target) and trl.launcher == "trl" and trl.also == (("default", ""),)
+    via_python = warm_target([sys.executable, "-m", "accelerate.commands.launch", str(script)], env)
+    assert isinstance(via_python, Target) and via_python.kind == "module" and via_python.launcher == "accelerate"
+    assert warm_target([sys.executable, str(script)], env).launcher is None
