@@ -94,7 +94,7 @@ def child(args: argparse.Namespace) -> None:
                 mark = Path(args.output_dir).parent / "auto.json"
                 if not mark.exists():
                     mark.write_text(json.dumps({"raised": self.raised_at, "next_step": time.time(),
-                                                "batch_after": targs.per_device_train_batch_size}))
+                                                "batch_after": state.train_batch_size}))  # HF's, after halving
 
     torch.manual_seed(0)
     cuda = args.device == "cuda"
