@@ -19,6 +19,13 @@ catches it and goes on, or exits with another code, gets the ordinary exit. The 
 only reader of ``code`` with no Python frame above it (CPython's ``_Py_HandleSystemExit``). Not
 run: ``__del__`` of objects still alive at exit (CPython does not promise those either), C
 ``atexit`` handlers of extension libraries. ``OOMGUARD_FAST_EXIT=0`` turns it off.
+
+A launcher (``accelerate launch``, ``trl``, ``torchrun``) whose worker failed ends with an uncaught
+exception (accelerate's ``CalledProcessError``): its interpreter prints the traceback and then tears
+down torch the same way (2.6 s of the 8B ``trl sft`` restart on the H200, docs/BENCHMARKS.md).
+:func:`exit_fast_after_uncaught` makes that exit the same :func:`finish` with code 1, after the
+traceback is printed, only when ``sys.excepthook`` is called by the interpreter's top level (not by
+code that prints an exception and goes on), and never for ``KeyboardInterrupt`` (whose exit is a signal).
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import sys
 import threading
 from typing import Any, Iterable
 
-__all__ = ["ENV_FAST_EXIT", "GuardExit", "enabled", "finish", "open_writable_files"]
+__all__ = ["ENV_FAST_EXIT", "GuardExit", "enabled", "exit_fast_after_uncaught", "finish", "open_writable_files",
+           "wraps_excepthook"]
 
 ENV_FAST_EXIT = "OOMGUARD_FAST_EXIT"  # "0"/"off"/"false"/"no": the ordinary interpreter exit
 _OFF = ("0", "off", "false", "no")
@@ -147,3 +155,47 @@ def _held(obj: Any) -> list[Any]:
     if isinstance(attrs, dict):
         held.extend(attrs.values())
     return held
+
+
+_HOOK_CODES: set[Any] = set()  # excepthook wrappers that may stand between the top level and ours
+
+
+def wraps_excepthook(hook: Any) -> Any:
+    """Mark ``hook`` as a wrapper that calls the previous ``sys.excepthook``: the top-level check sees through it."""
+    code = getattr(hook, "__code__", None)
+    if code is not None:
+        _HOOK_CODES.add(code)
+    return hook
+
+
+def _called_by_top_level() -> bool:
+    """True when only excepthook wrappers stand between the caller of ``sys.excepthook`` and C."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        frame = sys._getframe(2)  # 0: this function, 1: our hook; 2 up: whoever called it
+    except ValueError:
+        return True  # nothing above our hook: C called it
+    while frame is not None:
+        if frame.f_code not in _HOOK_CODES:
+            return False
+        frame = frame.f_back
+    return True
+
+
+def exit_fast_after_uncaught(applies: Any) -> None:
+    """From now on an uncaught exception that reaches the top level of a process where ``applies(sys.argv)``
+    is true ends it with :func:`finish` (code 1) once the traceback is printed."""
+    base = sys.excepthook
+
+    def hook(kind, value, tb):
+        base(kind, value, tb)
+        try:
+            fast = (enabled() and not issubclass(kind, KeyboardInterrupt) and applies(sys.argv)
+                    and _called_by_top_level())
+        except Exception:  # noqa: BLE001 - never stand in the way of the ordinary exit
+            fast = False
+        if fast:
+            finish(1)
+
+    sys.excepthook = hook

@@ -49,6 +49,9 @@ def install(switches: Switches | None = None) -> bool:
     if not switches.patching:
         return False
     _installed = True
+    from oomguard.bootstrap.fast_exit import exit_fast_after_uncaught
+
+    exit_fast_after_uncaught(is_launcher)  # a launcher whose worker failed: the quick exit (fast_exit.py)
     when_imported("transformers.trainer", _on_trainer_module)
     when_imported("transformers.modeling_utils", _on_modeling_utils)
     when_imported("peft.config", _on_peft_config)

@@ -107,13 +107,15 @@ def _trim(tb: Any) -> Any:
 
 
 def _excepthook(base: Callable[..., Any]) -> Callable[..., Any]:
+    from oomguard.bootstrap.fast_exit import wraps_excepthook  # stdlib only
+
     def hook(kind, value, tb):
         tb = _trim(tb)
         if isinstance(value, BaseException):
             value = value.with_traceback(tb)  # the built-in hook prints the exception's own traceback
         return base(kind, value, tb)
 
-    return hook
+    return wraps_excepthook(hook)
 
 
 def _fresh_main() -> types.ModuleType:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -116,3 +117,58 @@ def test_the_exit_is_a_system_exit_everywhere_else():
     with pytest.raises(SystemExit) as info:
         raise GuardExit(1)
     assert info.value.code == 1 and info.value.args == (1,)  # read from Python: no exit
+
+
+LAUNCHER = textwrap.dedent('''\
+    import atexit, os, sys
+    OUT = sys.argv[1]
+    class Mark:
+        def __del__(self, path=os.path.join(OUT, "del"), write=os.open, close=os.close, flags=os.O_CREAT | os.O_WRONLY):
+            close(write(path, flags))
+    mark = Mark()
+    log = open(os.path.join(OUT, "log.txt"), "w")
+    log.write("".join(f"line {i}\\n" for i in range(5000)))
+    atexit.register(lambda: open(os.path.join(OUT, "atexit"), "w").write("ran"))
+    if sys.argv[2] == "printed":  # prints an exception and goes on: not the top level
+        try:
+            raise ValueError("shown, then the launcher goes on")
+        except ValueError:
+            sys.excepthook(*sys.exc_info())
+        sys.exit(0)
+    if sys.argv[2] == "interrupt":
+        raise KeyboardInterrupt
+    raise RuntimeError("the worker failed")
+''')
+
+
+def run_launcher(tmp_path: Path, how: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A process named like a launcher (``accelerate``) under the bootstrap, ending as ``how`` says."""
+    script = tmp_path / "accelerate"
+    script.write_text(LAUNCHER)
+    out = tmp_path / f"out-{how}-{env.get('OOMGUARD_FAST_EXIT', 'on')}"
+    out.mkdir()
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}, **env,
+               "OOMGUARD_RUN_DIR": str(tmp_path / "run"),
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "oomguard" / "bootstrap" / "site"), str(ROOT)])}
+    (tmp_path / "run").mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, str(script), str(out), how], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=environ)
+    return proc, out
+
+
+def test_a_launcher_whose_worker_failed_exits_fast_with_its_traceback_code_and_files(tmp_path):
+    fast, fast_out = run_launcher(tmp_path, "raise")
+    slow, slow_out = run_launcher(tmp_path, "raise", OOMGUARD_FAST_EXIT="0")
+    assert fast.returncode == slow.returncode == 1
+    assert fast.stderr == slow.stderr and fast.stderr.rstrip().endswith("RuntimeError: the worker failed")
+    for out in (fast_out, slow_out):
+        assert (out / "log.txt").read_text() == "".join(f"line {i}\n" for i in range(5000))
+        assert (out / "atexit").read_text() == "ran"
+    assert (slow_out / "del").exists() and not (fast_out / "del").exists()  # finalization skipped: the fast path ran
+
+
+@pytest.mark.parametrize("how,code", [("printed", 0), ("interrupt", -signal.SIGINT)])
+def test_a_launcher_that_prints_an_exception_or_is_interrupted_exits_as_ever(tmp_path, how, code):
+    proc, out = run_launcher(tmp_path, how)
+    assert proc.returncode == code, proc.stderr
+    assert (out / "del").exists() or how == "interrupt"  # the ordinary exit ran its finalization
