@@ -136,13 +136,13 @@ def _call_problem(call: Mapping[str, Any]) -> str | None:
 
 
 def _journal(start: str, reason: str | None) -> None:
-    run_dir = os.environ.get("OOMGUARD_RUN_DIR", "").strip()
+    from oomguard.protocol import ENV_ATTEMPT, ENV_RUN_DIR, Event, emit_event
+
+    run_dir = os.environ.get(ENV_RUN_DIR, "").strip()
     if not run_dir:
         return
-    from oomguard.protocol import Event, emit_event
-
     try:
-        emit_event(run_dir, Event.WORKER_START, attempt=int(os.environ.get("OOMGUARD_ATTEMPT") or 1), start=start,
+        emit_event(run_dir, Event.WORKER_START, attempt=int(os.environ.get(ENV_ATTEMPT) or 1), start=start,
                    reason=reason or "a fork of the warm launcher, its imports done")
     except (OSError, ValueError):
         pass

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from _env import user_env
 
 from oomguard import protocol
 from oomguard.recipes import default
@@ -21,7 +22,7 @@ def recipe(cache: Path, *args: str, run_dir: Path | None = None, attempt: int = 
            knobs: dict | None = None, inject: str = "", check: bool = True,
            timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -m oomguard.recipes.sft ARGS`` with the OOMGUARD_* env of attempt ``attempt``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({default.ENV_CACHE: str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                 "CUDA_VISIBLE_DEVICES": ""})
     if run_dir is not None:

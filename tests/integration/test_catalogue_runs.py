@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _env import user_env
 
 from oomguard import protocol
 from oomguard.protocol import CATALOGUE, Event, EventSource, check_event, read_jsonl
@@ -33,7 +34,7 @@ RECIPE = ["-m", "oomguard.recipes.sft", "--max_steps", str(MAX_STEPS), "--save_s
 
 
 def strict_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     return {**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
             "TOKENIZERS_PARALLELISM": "false", protocol.ENV_STRICT_EVENTS: "1", **extra}
 

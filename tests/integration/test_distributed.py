@@ -10,7 +10,6 @@ of torchrun's process group.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _env import user_env
 
 from oomguard.protocol import read_jsonl
 from oomguard.supervisor.tree import run_processes
@@ -31,7 +31,7 @@ POLICY = HERE / "policies" / "wrap.yaml"  # cuda_oom: batch 4 -> 2, accumulation
 
 
 def oomguard_run(run_dir: Path, policy: Path, inject: str, *command: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir),

@@ -6,13 +6,13 @@ the attempt ``limits.failed_rank_linger_s`` later, instead of waiting out the co
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from _env import user_env
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -23,7 +23,7 @@ def test_ranks_stuck_after_a_recorded_failure_are_stopped_after_the_linger(tmp_p
     policy["limits"].update(failed_rank_linger_s=2, hang_timeout_s=300, max_attempts=1)
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
     run_dir = tmp_path / "run"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}, "PYTHONPATH": str(ROOT),
+    env = {**user_env(), "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "oomguard", "run", "--policy", str(tmp_path / "policy.yaml"),

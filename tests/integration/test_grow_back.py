@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _env import user_env
 
 from oomguard.guard.resume.ledger import ledger_file, read_ledger
 from oomguard.protocol import read_jsonl
@@ -44,7 +45,7 @@ def _policy(tmp: Path, base: Path, **grow) -> Path:
 
 def _oomguard(run_dir: Path, policy: Path, *command: str, extra: tuple[str, ...] = (),
               env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    clean = user_env()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     clean.update({"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                   "OOMGUARD_STRICT_EVENTS": "1", **(env or {})})

@@ -10,13 +10,13 @@ after the rollback stays at the old value. Real tiny CPU trainings in subprocess
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from _env import user_env
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def child(tmp_path_factory) -> Path:
 
 def _run(child: Path, out: Path, *, lr: float, max_steps: int, schedule: str = "constant", warmup: int = 0,
          resume: Path | None = None, run_dir: Path | None = None, knobs: dict | None = None) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                 "CUDA_VISIBLE_DEVICES": ""})

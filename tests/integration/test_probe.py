@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _env import user_env
 
 from oomguard.tune.record import read_probe
 
@@ -65,7 +66,7 @@ def planned(tmp_path_factory):
     base = tmp_path_factory.mktemp("probe")
     script, out, run_dir = base / "train.py", base / "out", base / "run"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     proc = subprocess.run([sys.executable, "-m", "oomguard", "plan", "--json", "--run-dir", str(run_dir),

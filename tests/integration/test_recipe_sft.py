@@ -5,13 +5,13 @@ starts it); a shared cache dir builds the default model once per module.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _env import user_env
 
 from oomguard import protocol
 from oomguard.recipes import default
@@ -23,7 +23,7 @@ SMALL = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", 
 
 
 def run_recipe(cache, *args, env=None, timeout=240):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    full_env = user_env()
     full_env.update({default.ENV_CACHE: str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
                     **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "oomguard.recipes.sft", *args], env=full_env, cwd=ROOT,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _env import user_env
 
 from oomguard.protocol import read_jsonl
 from oomguard.recipes import default
@@ -30,7 +31,7 @@ HERE = Path(__file__).parent
 FAKE = str(HERE / "fake_child.py")
 POLICY = HERE / "policies" / "fast.yaml"
 ROOT = HERE.parents[1]
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}, "PYTHONPATH": str(ROOT)}
+ENV = {**user_env(), "PYTHONPATH": str(ROOT)}
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from _env import user_env
 
 from oomguard.supervisor.process import StopFlag
 from oomguard.supervisor.tree import run_processes
@@ -23,7 +24,7 @@ HERE = Path(__file__).parent
 FAKE = str(HERE / "fake_child.py")
 POLICY = HERE / "policies" / "fast.yaml"
 ROOT = HERE.parents[1]
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}, "PYTHONPATH": str(ROOT)}
+ENV = {**user_env(), "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture

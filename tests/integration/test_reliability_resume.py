@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _env import user_env
 
 from oomguard.protocol import read_jsonl
 
@@ -23,7 +24,7 @@ HERE = Path(__file__).parent
 FAKE = str(HERE / "fake_child.py")
 POLICY = HERE / "policies" / "fast.yaml"
 ROOT = HERE.parents[1]
-ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}, "PYTHONPATH": str(ROOT)}
+ENV = {**user_env(), "PYTHONPATH": str(ROOT)}
 
 
 def oomguard(run_dir: Path, *child: str, timeout: float = 60) -> subprocess.CompletedProcess:

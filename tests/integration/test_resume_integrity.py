@@ -2,13 +2,13 @@
 is ``resume_oom``, retried with the same knobs and the optimizer state loaded to CPU first."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _env import user_env
 from _recipe_run import ROOT, digest, events, state
 
 from oomguard.recipes import default
@@ -19,7 +19,7 @@ DEMO_POLICY = ROOT / "oomguard" / "policies" / "demo.yaml"
 
 def supervise(cache: Path, run_dir: Path, out: Path, *, inject: str, max_steps: int,
               policy: Path = DEMO_POLICY) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({default.ENV_CACHE: str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                 "CUDA_VISIBLE_DEVICES": ""})
     cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir), "--quiet",

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from _env import user_env
 from _wrap_run import ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +26,7 @@ MAX_STEPS = 60
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"})
     return env

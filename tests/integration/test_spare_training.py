@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _env import user_env
 from _wrap_run import ROOT
 
 from oomguard.guard.resume.ledger import ledger_file, read_ledger
@@ -26,7 +27,7 @@ STEPS = 6
 def _train(tmp: Path, spare: str) -> tuple[dict, list[dict], dict]:
     """``oomguard run --policy wrap.yaml SPARE --inject cuda_oom@step=3 -- python _wrap_trainer_script.py``."""
     run_dir, out = tmp / f"run{spare}", tmp / f"out{spare}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get(
         "PYTHONPATH", "")) if p), "OOMGUARD_STRICT_EVENTS": "1"})
     cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(POLICY), "--run-dir", str(run_dir), "--quiet",

@@ -7,7 +7,6 @@ rank 1 saved alone and rank 0 died in its next all-reduce: one rank's shutdown_s
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _env import user_env
 
 from oomguard.protocol import read_jsonl
 
@@ -28,7 +28,7 @@ STEPS = 200  # not reached: the stop comes a few steps in
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
                 "OMP_NUM_THREADS": "1"})
     return env

@@ -52,7 +52,7 @@ def test_trl_sft_cli(tmp_path, model_dir, data_dir):
                  "--dataset_name", str(data_dir), "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
                  "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2",
                  "--per_device_train_batch_size", "4", "--max_length", "64", "--use_cpu", "--report_to", "none",
-                 "--logging_steps", "1", "--learning_rate", "1e-3", "--dataloader_num_workers", "0")
+                 "--logging_steps", "1", "--learning_rate", "1e-3", "--dataloader_num_workers", "0", warm_spare=True)
     run, events = recovered(tmp_path / "run")
     assert of(events, "attempt_started", 1)[0]["launch"]["launcher"] == "trl"
     # the batch reached the child as a rewritten flag, accumulation (not in the command) in-process
@@ -60,7 +60,7 @@ def test_trl_sft_cli(tmp_path, model_dir, data_dir):
     paths = knob_paths(of(events, "bootstrap_trainer", 2)[0])
     assert paths["per_device_train_batch_size"] == "flag" and paths["gradient_accumulation_steps"] == "in_process"
     assert [e["bootstrap"] for e in of(events, "attempt_ended")] == ["in_process", "in_process"]
-    # the warm spare is on by default: attempt 2's trl launcher ran in it and its worker forked from it
+    # with the warm spare (the default outside the tests): attempt 2's trl launcher ran in it, its worker a fork
     assert of(events, "child_start", 2)[0]["start"] == "warm"
     assert [e["start"] for e in of(events, "worker_start")] == ["fork"]
     for saved in (out / "checkpoint-4" / "training_args.bin", out / "training_args.bin"):  # checkpoint, final
@@ -72,7 +72,7 @@ def test_trl_sft_cli(tmp_path, model_dir, data_dir):
 def test_accelerate_launch_of_a_plain_trainer_script(tmp_path):
     run_dir = tmp_path / "run"
     oomguard_run(run_dir, POLICY, str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4")
+                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4", warm_spare=True)
     run, events = recovered(run_dir)
     assert of(events, "attempt_started", 1)[0]["launch"] == {
         "launcher": "accelerate", "delivery": "bootstrap", "reason": "accelerate: bootstrap on PYTHONPATH"}
@@ -113,7 +113,7 @@ def test_the_scripts_own_values_run_and_the_ladder_starts_there(tmp_path):
     halves 4 -> 2 (accumulation x2): an order the bootstrap applies in-process and the child shows."""
     run_dir = tmp_path / "run"
     oomguard_run(run_dir, HERE / "policies" / "wrap_adopt.yaml", sys.executable,
-                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4")
+                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4", warm_spare=True)
     run, events = recovered(run_dir)
     assert run["attempts"][0]["orders"] == {} and run["attempts"][0]["delivered"] == {}
     assert run["requested_source"] == "observed" and run["requested"]["per_device_train_batch_size"] == 4

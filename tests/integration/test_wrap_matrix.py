@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _env import user_env
 from _wrap_run import BIN, ROOT
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ class Style:
 
 def base_env(bin_dir: Path | None = None) -> dict[str, str]:
     """The environment of both the alone run and the wrapped run (as ``_wrap_run``: no OOMGUARD_*)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
                 "TOKENIZERS_PARALLELISM": "false"})
     if bin_dir is not None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _env import user_env
 
 from oomguard.bootstrap import SITE_DIR
 from oomguard.protocol import read_jsonl
@@ -26,7 +27,7 @@ print(json.dumps({"oomguard": sorted(m for m in sys.modules if m.startswith("oom
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOMGUARD_")}
+    env = user_env()
     env.update(extra)
     return env
 
