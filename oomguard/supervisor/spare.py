@@ -1,7 +1,11 @@
 """The warm spare (issue 17): one interpreter that has done the heavy imports, kept while an attempt
 trains, that becomes the next attempt's child. Supervisor side; the spare's own side is
-``oomguard/spare/``.
+``oomguard/spare/``. On by default (:func:`default_on`; ``--no-warm-spare`` or ``OOMGUARD_WARM_SPARE=0``
+turns it off).
 
+- **Which commands** (:func:`warm_target`): ``python script.py``, ``python -m pkg``, Python console
+  scripts, and the ``accelerate``/``trl`` launchers, whose single-process worker then forks from the
+  warm launcher (``spare/fork_worker.py``). torchrun, deepspeed, shells and ``python -c`` start cold.
 - **When**: during attempt N, once its heartbeat moved (it trains) or :data:`START_AFTER_S` after
   its launch, and only if its process has torch loaded (``/proc/PID/maps``; a script of the
   standard library alone is not even looked at); never during attempt 1's own start-up. Attempt 1
