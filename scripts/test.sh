@@ -9,8 +9,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 # two cores, and oversubscribed torch threads made the CPU trainings about 2x slower (measured)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 # the warm spare (on by default) is off for the suite unless asked: on two cores each supervised run's
-# spare imports torch beside the run's own training (CI went 11.5 -> 18.5 min with it on); the spare's
-# own tests pass --warm-spare (tests/integration/_env.py keeps this variable for the runs they start)
+# spare imports torch beside the run's own training (a clean-clone .ci/run took 18.5 min with it on,
+# 17.5 min off, same box and day); the spare's own tests pass --warm-spare (tests/integration/_env.py
+# keeps this variable for the runs the tests start)
 export OOMGUARD_WARM_SPARE="${OOMGUARD_WARM_SPARE:-0}"
 set +e
 # two workers (CI has 2 cores); a file's tests stay on one worker; the 30 slowest are listed (for LONGEST_FIRST)
