@@ -23,7 +23,7 @@ import contextlib
 import ctypes
 from typing import Any, Callable, Iterator
 
-__all__ = ["Answers", "answers", "driver_initialised", "nvml_view"]
+__all__ = ["Answers", "answers", "driver_initialised", "library_mapped", "nvml_view"]
 
 Answers = tuple[tuple[int, int], ...]  # each visible device's (major, minor), in torch's order
 
@@ -104,12 +104,7 @@ def driver_initialised() -> bool:
     import (measured on an H200: ``libcuda`` is in ``/proc/self/maps`` after ``import torch``), so the
     mapping says nothing; the driver itself does: ``cuDeviceGet`` answers ``CUDA_ERROR_NOT_INITIALIZED``
     (3) until ``cuInit`` ran, and initialises nothing. False where the library is not mapped at all."""
-    try:
-        with open("/proc/self/maps", "rb") as f:
-            mapped = any(b"/libcuda.so" in line for line in f)
-    except OSError:
-        return False
-    if not mapped:
+    if not library_mapped((b"/libcuda.so",)):  # None (unreadable) too: nothing to ask
         return False
     try:
         lib = ctypes.CDLL("libcuda.so.1")  # already loaded: this only finds it
@@ -117,3 +112,13 @@ def driver_initialised() -> bool:
         return False
     device = ctypes.c_int()
     return lib.cuDeviceGet(ctypes.byref(device), ctypes.c_int(0)) != 3
+
+
+def library_mapped(names: tuple[bytes, ...], pid: int | str = "self") -> bool | None:
+    """Whether a library whose path holds one of ``names`` is mapped in process ``pid`` (``/proc/PID/maps``);
+    None when that cannot be read (each caller says what unknown means for it)."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return any(name in line for line in f for name in names)
+    except OSError:
+        return None

@@ -166,14 +166,6 @@ def _tids() -> frozenset[str]:
         return frozenset()  # unknown: not safe
 
 
-def _mapped(library: bytes) -> bool:
-    try:
-        with open("/proc/self/maps", "rb") as f:
-            return any(library in line for line in f)
-    except OSError:
-        return True  # unknown: assume it is
-
-
 def _named(tids: frozenset[str]) -> str:
     """The threads' names (``/proc/self/task/TID/comm``), for the journal."""
     names = []
@@ -188,7 +180,7 @@ def _named(tids: frozenset[str]) -> str:
 
 def why_not(cmd: Sequence[str], env: Mapping[str, str]) -> str | None:
     """Why the worker cannot be a fork of this launcher (it then starts as the launcher asked)."""
-    from oomguard.spare.cuda_view import driver_initialised
+    from oomguard.spare.cuda_view import driver_initialised, library_mapped
 
     if not armed():
         return "the launcher did not start warm"
@@ -207,7 +199,7 @@ def why_not(cmd: Sequence[str], env: Mapping[str, str]) -> str | None:
     if torch is not None and getattr(torch.version, "cuda", None) and \
             (torch.cuda.is_initialized() or driver_initialised()):
         return "the launcher initialised CUDA (a forked worker could not use it)"
-    kmp_unread = not _mapped(b"libiomp")  # KMP_* (accelerate --cpu) is Intel OpenMP's; torch's libgomp ignores it
+    kmp_unread = library_mapped((b"libiomp",)) is False  # KMP_* (accelerate --cpu): Intel OpenMP's, not libgomp's
     changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)
                      and not k.startswith("ACCELERATE_") and k not in RUNTIME_ENV
                      and not (kmp_unread and k.startswith("KMP_")))
@@ -294,11 +286,9 @@ def _exit_code(exc: SystemExit) -> int:
 
 
 def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass
+    from oomguard.bootstrap.fast_exit import _flush
+
+    _flush((sys.stdout, sys.stderr))
 
 
 def _finish(code: int) -> None:

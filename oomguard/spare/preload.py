@@ -141,6 +141,11 @@ def preload(plan: list[tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
     t0, done, failed = time.perf_counter(), [], {}
     unsafe: set[str] | None = None
     view: dict[str, Any] = {}
+
+    def report(cuda: str | None) -> dict[str, Any]:
+        return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": cuda,
+                "driver_initialised": driver_initialised(), "bitsandbytes": "bitsandbytes" in sys.modules, **view}
+
     with contextlib.ExitStack() as stack:
         for module, names in _merged(plan):
             if unsafe is None and "torch" in sys.modules:
@@ -162,13 +167,10 @@ def preload(plan: list[tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - not importable here: the script will say so itself
                 failed[module] = f"{type(exc).__name__}: {exc}"[:300]
             if cuda_initialised():
-                return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": module,
-                        "driver_initialised": driver_initialised(), "bitsandbytes": "bitsandbytes" in sys.modules,
-                        **view}
+                return report(module)
             if module not in failed:
                 done.append(module)
-    return {"imported": done, "failed": failed, "seconds": time.perf_counter() - t0, "cuda": None,
-            "driver_initialised": driver_initialised(), "bitsandbytes": "bitsandbytes" in sys.modules, **view}
+    return report(None)
 
 
 def _merged(plan: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, tuple[str, ...]]]:

@@ -29,7 +29,7 @@ OFF_VALUES = ("0", "off", "false", "no")
 
 __all__ = ["GuardDelivery", "Delivery", "LaunchPlan", "LauncherKind", "Launcher", "OFF_VALUES", "PYTHON_LAUNCHERS",
            "RECIPE_MODULE", "bootstrap_env", "bootstrap_outcome", "classify_launcher", "is_builtin_recipe",
-           "launch_plan"]
+           "is_python", "launch_plan"]
 
 
 class LauncherKind(str, enum.Enum):
@@ -96,13 +96,18 @@ def _script_text(path: str | None) -> str:
         return ""
 
 
+def is_python(arg0: str) -> bool:
+    """Whether ``arg0`` names a Python interpreter (``python``, ``python3.11``, ``pypy3``; a path or not)."""
+    return bool(_PYTHON_RE.match(os.path.basename(arg0)))
+
+
 def classify_launcher(argv: Sequence[str], path: str | None = None) -> LauncherKind:
     """The launcher of ``argv``; ``path`` is the PATH used to resolve the executable."""
     args = _skip_env_prefix(argv)
     if not args:
         return LauncherKind.OTHER
     name = os.path.basename(args[0])
-    if _PYTHON_RE.match(name):
+    if is_python(name):
         return _python_kind(args[1:])
     if name in ("accelerate", "torchrun", "trl"):
         return {"accelerate": LauncherKind.ACCELERATE, "torchrun": LauncherKind.TORCHRUN, "trl": LauncherKind.TRL}[name]
@@ -150,7 +155,7 @@ def _shell_kind(text: str) -> LauncherKind:
 
 def _no_site_flag(argv: Sequence[str]) -> str | None:
     args = _skip_env_prefix(argv)
-    if not args or not _PYTHON_RE.match(os.path.basename(args[0])):
+    if not args or not is_python(args[0]):
         return None
     for arg in args[1:]:
         if not arg.startswith("-") or arg in ("-m", "-c"):

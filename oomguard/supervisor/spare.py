@@ -47,8 +47,9 @@ import psutil
 
 from ..bootstrap.injection import LAUNCHER_NAMES
 from ..protocol import ENV_ATTEMPT, ENV_RUN_DIR, Event, emit_event
+from ..spare.cuda_view import library_mapped  # stdlib only
 from ..spare.preload import stdlib_only  # stdlib only: the spare's own rule for "nothing to preload"
-from .launch import LauncherKind, classify_launcher
+from .launch import LauncherKind, classify_launcher, is_python
 from .process import StopFlag, start_spare
 from .trackers import TRACKER_ENV
 
@@ -186,7 +187,7 @@ def _target(argv: Sequence[str], env: Mapping[str, str]) -> Target | str:
         return "the command starts with `env` (it changes the environment the interpreter starts with)"
     launcher = classify_launcher(argv, env.get("PATH"))
     if launcher in (LauncherKind.ACCELERATE, LauncherKind.TRL):
-        target = _python_target(argv) if _is_python(argv[0]) else _entry_target(argv, env)
+        target = _python_target(argv) if is_python(argv[0]) else _entry_target(argv, env)
         if isinstance(target, str):
             return target
         return dataclasses.replace(target, launcher=launcher.value, also=_worker_preload(launcher, argv))
@@ -198,10 +199,6 @@ def _target(argv: Sequence[str], env: Mapping[str, str]) -> Target | str:
     if launcher is LauncherKind.PYTHON_ENTRY:
         return _entry_target(argv, env)
     return f"a {launcher.value} command is not one Python process (only python script / -m / console scripts)"
-
-
-def _is_python(arg0: str) -> bool:
-    return os.path.basename(arg0).startswith("python")
 
 
 def _worker_preload(launcher: LauncherKind, argv: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -311,11 +308,8 @@ class Spare:
 def runs_torch(pid: int) -> bool:
     """Whether process ``pid`` has torch's library mapped (``/proc/PID/maps``); True when unreadable
     (no /proc: assume it does). A command that never loads torch gains nothing from a spare."""
-    try:
-        with open(f"/proc/{pid}/maps", "rb") as f:
-            return any(b"libtorch" in line or b"libc10" in line for line in f)
-    except OSError:
-        return True
+    mapped = library_mapped((b"libtorch", b"libc10"), pid)
+    return True if mapped is None else mapped
 
 
 def _last_line(path: Path) -> str:
