@@ -20,9 +20,15 @@ each block of three consecutive steps:
 A step's cycle is ``on_step_begin(k) -> on_step_begin(k+1)`` on the host clock, read by the first
 callback with no device sync (the step syncs by itself where the Trainer reads the loss). The cost
 of a configuration is its median cycle over the bare one's, with a bootstrap 95 % interval, and per
-block (the paired difference of neighbouring steps, which cancels drift). Not in ``bare`` either way:
-the sample ledger and the tracker callback (they differ in nothing between old and new). Each gated
-callback event's host time is kept per configuration.
+block (the paired difference of neighbouring steps, which cancels drift). ``new`` also runs the sample
+ledger as ``prepare_resume`` installs it (its ``training_step`` wrapper with the culprit's in-flight record,
+one ledger line per step; its sampler wrapper records every row in all three configurations); the tracker
+callback is not installed (``report_to`` none, as in the recipe's default: it adds nothing then). Each gated
+callback event's host time is kept per configuration, and per step the guard's whole host time (the gated
+events, the hand-over, the ledger's part of ``training_step``): its mean over the bare median cycle, with a
+bootstrap 95 % interval, is the guard's cost where the step is host-bound. The per-step garbage-collector
+time, the main thread's CPU time and the wall cycle's spread are reported to show where the step-to-step
+jitter comes from.
 
 **Exit** (worker ``die``, one process per run): the same model, a guarded SFTTrainer, a NaN in step
 3's forward; the NaN guard stops before step 3's update, ``die()`` writes the error record and
@@ -35,6 +41,7 @@ step (2) are checked: the new NaN check on this device.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -202,6 +209,7 @@ def run_cost(args) -> None:
 
 def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
     from oomguard.guard import GuardEnv, guard_callbacks
+    from oomguard.guard.resume.ledger import install_ledger
 
     clock = Clock(schedule)
     env = {name: GuardEnv(run_dir=tmp / f"run-{name}") for name in ("old", "new")}
@@ -213,17 +221,41 @@ def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
              for cb in cbs]
     trainer = new_trainer(bench, [clock, *gates])
     nan = {name: next(cb for cb in cbs if hasattr(cb, "observe_loss")) for name, cbs in sets.items()}
-    step = trainer.training_step
-    handed: dict[str, list[float]] = {name: [] for name in nan}
+    raw_step = trainer.training_step
+    inner_s: list[float] = []  # the step itself, inside the ledger's wrapper (new's steps)
 
+    def timed_step(*a, **k):
+        started = time.perf_counter()
+        try:
+            return raw_step(*a, **k)
+        finally:
+            inner_s.append(time.perf_counter() - started)
+
+    # the sample ledger as prepare_resume installs it (its training_step wrapper, the culprit's in-flight
+    # record, one ledger line per step): in "new" only; its sampler wrapper records every row in all three
+    trainer.training_step = timed_step
+    ledger = install_ledger(trainer, env["new"].run_dir)
+    ledger_step = trainer.training_step
+    handler = trainer.callback_handler
+    handler.callbacks.remove(ledger)
+    ledger_gate = type("new_SampleLedgerCallback", (Gate,), {})(ledger, "new", clock)
+    handler.callbacks.insert(handler.callbacks.index(gates[-1]) + 1, ledger_gate)
+    gates.append(ledger_gate)
+    handed: dict[str, list[float]] = {name: [] for name in nan}
     busy_after: dict[str, list[bool]] = {name: [] for name in nan}
 
     def training_step(*a, **k):  # guarded_train's hand-over, for the configuration of this step
-        loss = step(*a, **k)
+        if clock.config == "new":
+            started = time.perf_counter()
+            loss = ledger_step(*a, **k)
+            clock.add_host(time.perf_counter() - started - inner_s.pop())  # the ledger's own part
+        else:
+            loss = raw_step(*a, **k)
         if clock.config in nan:
             marker = gpu_marker()
             started = time.perf_counter()
             nan[clock.config].observe_loss(loss)
+            clock.add_host(time.perf_counter() - started)
             handed[clock.config].append(time.perf_counter() - started)
             if marker is not None:  # the GPU still had the backward to run: the hand-over cost no GPU time
                 busy_after[clock.config].append(not marker.query())
@@ -235,22 +267,44 @@ def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
     train_s = time.perf_counter() - started
     cycles = clock.cycles()
     result = {"train_s": train_s, "steps_done": trainer.state.global_step, "cycles": cycles,
+              "cpu": clock.cycles(clock.cpu_begins), "gc": clock.cycles(clock.gc_begins),
+              "guard_host": clock.per_step_host(),
               "summary": summarize(cycles, clock.blocks(len(WARMUP))),
+              "host_summary": summarize_host(clock.per_step_host(), cycles),
+              "jitter": jitter(clock),
               "events_ms": gate_costs(gates),
               "observe_loss_ms": {k: statistics.median(v) * 1e3 for k, v in handed.items() if v},
               "gpu_busy_after_observe_loss": {k: sum(v) / len(v) for k, v in busy_after.items() if v},
               "gpu_idle_in_pre_optimizer_step": {g.name: sum(g.idle) / len(g.idle) for g in gates if g.idle},
-              "optim": bench.device.optim,
+              "optim": bench.device.optim, "ledger_lines": len(read_lines(ledger.path)),
               "nan_new": {"checks": nan["new"].checks, "ready_at_check": nan["new"].ready_at_check}}
     del trainer
     return result
 
 
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
 class Clock:
-    """First callback: the host time at each step begin, and the configuration of the step starting."""
+    """First callback: at each step begin the host time, the main thread's CPU time and the time spent in
+    Python's garbage collector so far, and the configuration of the step starting. The gates and the
+    hand-over add the guard's host time of the step running (``add_host``)."""
 
     def __init__(self, schedule: list[str]):
         self.schedule, self.begins, self.config = schedule, [], "bare"
+        self.cpu_begins: list[float] = []
+        self.gc_begins: list[float] = []
+        self.host: dict[int, float] = {}  # step index -> the guard's host seconds in it
+        self._gc_total, self._gc_started = 0.0, None
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self._gc_total += time.perf_counter() - self._gc_started
+            self._gc_started = None
 
     def __getattr__(self, name):  # every other event: nothing
         if name.startswith("on_"):
@@ -259,13 +313,27 @@ class Clock:
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.begins.append(time.perf_counter())
+        self.cpu_begins.append(time.thread_time())
+        self.gc_begins.append(self._gc_total)
         k = state.global_step
         self.config = self.schedule[k] if k < len(self.schedule) else "bare"
 
-    def cycles(self) -> dict[str, list[float]]:
+    def add_host(self, seconds: float) -> None:
+        k = len(self.begins) - 1
+        self.host[k] = self.host.get(k, 0.0) + seconds
+
+    def cycles(self, marks: list[float] | None = None) -> dict[str, list[float]]:
+        marks = self.begins if marks is None else marks
+        out: dict[str, list[float]] = {c: [] for c in CONFIGS}
+        for k in range(len(WARMUP), len(marks) - 1):
+            out[self.schedule[k]].append(marks[k + 1] - marks[k])
+        return out
+
+    def per_step_host(self) -> dict[str, list[float]]:
+        """The guard's host seconds per measured step of each configuration (bare: 0)."""
         out: dict[str, list[float]] = {c: [] for c in CONFIGS}
         for k in range(len(WARMUP), len(self.begins) - 1):
-            out[self.schedule[k]].append(self.begins[k + 1] - self.begins[k])
+            out[self.schedule[k]].append(self.host.get(k, 0.0))
         return out
 
     def blocks(self, skip: int) -> list[dict[str, float]]:
@@ -274,6 +342,47 @@ class Clock:
         for b in range(skip, len(self.begins) - 3, 3):
             blocks.append({self.schedule[k]: self.begins[k + 1] - self.begins[k] for k in range(b, b + 3)})
         return [b for b in blocks if len(b) == 3]
+
+
+def jitter(clock: Clock) -> dict:
+    """Where the step-to-step spread is: wall cycle vs the main thread's CPU time vs the collector's time,
+    and the correlation of neighbouring cycles (drift) — all configurations pooled."""
+    first = len(WARMUP)
+    wall = [b - a for a, b in zip(clock.begins[first:], clock.begins[first + 1:])]
+    cpu = [b - a for a, b in zip(clock.cpu_begins[first:], clock.cpu_begins[first + 1:])]
+    gcs = [b - a for a, b in zip(clock.gc_begins[first:], clock.gc_begins[first + 1:])]
+    if len(wall) < 4:
+        return {}
+
+    def q(xs, p):
+        return sorted(xs)[int(p * (len(xs) - 1))] * 1e3
+
+    def spread(xs):
+        return {"q10_ms": q(xs, 0.1), "median_ms": q(xs, 0.5), "q90_ms": q(xs, 0.9),
+                "sd_ms": statistics.stdev(xs) * 1e3}
+
+    return {"wall": spread(wall), "cpu": spread(cpu), "gc": spread(gcs),
+            "corr_wall_cpu": statistics.correlation(wall, cpu) if statistics.pstdev(cpu) else None,
+            "lag1_autocorr_wall": statistics.correlation(wall[:-1], wall[1:]),
+            "gc_share": sum(gcs) / sum(wall)}
+
+
+def summarize_host(host: dict[str, list[float]], cycles: dict[str, list[float]]) -> dict:
+    """The guard's host time per step of each configuration over the bare median cycle, with a bootstrap
+    95 % interval that resamples both (the step is host-bound where the guard works: bench docs)."""
+    rng = random.Random(1)
+    bare = cycles.get("bare") or []
+    out = {}
+    for name in ("old", "new"):
+        xs = host.get(name) or []
+        if not xs or not bare:
+            continue
+        boot = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) / statistics.median(rng.choices(bare, k=len(bare)))
+                      for _ in range(BOOTSTRAP))
+        out[name] = {"mean_ms": statistics.fmean(xs) * 1e3, "median_ms": statistics.median(xs) * 1e3,
+                     "share": statistics.fmean(xs) / statistics.median(bare),
+                     "share_95": [boot[int(0.025 * BOOTSTRAP)], boot[int(0.975 * BOOTSTRAP) - 1]], "n": len(xs)}
+    return out
 
 
 ALWAYS = ("on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end")
@@ -299,7 +408,10 @@ class Gate:
             try:
                 return method(*a, **k)
             finally:
-                self.times.setdefault(event, []).append(time.perf_counter() - started)
+                took = time.perf_counter() - started
+                self.times.setdefault(event, []).append(took)
+                if event not in ALWAYS:
+                    self.clock.add_host(took)
                 if marker is not None:
                     self.idle.append(bool(marker.query()))
         return call
@@ -351,8 +463,9 @@ def summarize(cycles: dict[str, list[float]], blocks: list[dict[str, float]]) ->
 
 
 def device_nan_check(bench) -> dict:
-    """The shipped NaN check on this device, outside the Trainer: a clean backward passes and leaves
-    every gradient bit for bit; a NaN backward is caught and its update dropped."""
+    """The shipped NaN check on this device, outside the Trainer, ONE guard over three steps (its pinned
+    byte and event reused): a clean backward passes and leaves every gradient bit for bit; a NaN backward
+    is caught and its update dropped; the clean step after it passes again."""
     from types import SimpleNamespace
 
     import torch
@@ -364,23 +477,25 @@ def device_nan_check(bench) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     ids = torch.randint(0, 1000, (1, 256), device=device)
+    guard = NanGuardCallback(skip_steps=5)
+    guard.on_train_begin(SimpleNamespace(fp16=False), SimpleNamespace(global_step=0), None,
+                         optimizer=SimpleNamespace(param_groups=[{"params": params}]))
     out = {}
-    for name, poison in (("clean", None), ("nan", math.nan)):
+    for step, (name, poison) in enumerate((("clean", None), ("nan", math.nan), ("clean_after", None))):
         model.zero_grad(set_to_none=True)
-        guard = NanGuardCallback(skip_steps=1)
-        guard.on_train_begin(SimpleNamespace(fp16=False), SimpleNamespace(global_step=0), None,
-                             optimizer=SimpleNamespace(param_groups=[{"params": params}]))
+        skipped_before = guard.skipped
         loss = model(input_ids=ids, labels=ids).loss
         loss = loss * poison if poison is not None else loss
         loss.backward()
         before = [p.grad.clone() for p in params if p.grad is not None]
         guard.observe_loss(loss.detach())
         ready_at_once = guard.pending.ready() if guard.pending is not None else None
-        guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None, model=model)
+        guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model)
         after = [p.grad for p in params if p.grad is not None]
         same = len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))
-        out[name] = {"skipped": guard.skipped, "grads": len(before), "grads_bit_for_bit": same,
+        out[name] = {"skipped": guard.skipped - skipped_before, "grads": len(before), "grads_bit_for_bit": same,
                      "verdict_ready_right_after_hand_over": ready_at_once}
+    out["slots_reused"] = len(guard._slots)
     model.zero_grad(set_to_none=True)
     return out
 
@@ -565,6 +680,18 @@ def print_summary(result: dict) -> None:
             plo, phi = r["paired_95"] or (math.nan, math.nan)
             print(f"  {key:12} median ratio {r['ratio']:+.2%} [{lo:+.2%}, {hi:+.2%}]   "
                   f"paired mean {pm:+.2%} [{plo:+.2%}, {phi:+.2%}] over {r['blocks']} blocks")
+    for name, h in cost.get("host_summary", {}).items():
+        lo, hi = h["share_95"]
+        print(f"  {name:5} guard host time per step {h['mean_ms']:.2f} ms (median {h['median_ms']:.2f}) = "
+              f"{h['share']:.2%} of the bare median cycle [{lo:.2%}, {hi:.2%}] over {h['n']} steps")
+    j = cost.get("jitter") or {}
+    if j:
+        print(f"  jitter (all steps): wall q10/median/q90 {j['wall']['q10_ms']:.0f}/"
+              f"{j['wall']['median_ms']:.0f}/{j['wall']['q90_ms']:.0f} ms sd {j['wall']['sd_ms']:.1f}; main-thread "
+              f"CPU sd {j['cpu']['sd_ms']:.1f} ms (median {j['cpu']['median_ms']:.0f}); gc share {j['gc_share']:.2%}, "
+              f"gc q90 {j['gc']['q90_ms']:.1f} ms; corr(wall, cpu) {j['corr_wall_cpu']}; lag-1 autocorr "
+              f"{j['lag1_autocorr_wall']:.2f}")
+    print(f"  ledger lines written (new's steps): {cost.get('ledger_lines')}")
     print("  observe_loss (in training_step, behind the backward): "
           + ", ".join(f"{k} {v:.3f} ms" for k, v in cost.get("observe_loss_ms", {}).items()))
     print(f"  optimizer {cost.get('optim')}; GPU still busy after observe_loss: "

@@ -57,7 +57,7 @@ def guard_callbacks(env: GuardEnv, *, nan_skip_steps: int | None = None) -> list
         DataProfileCallback(env.run_dir, rank=env.rank),
         monitor,  # before pressure (reads its projection) and the clearer (reads stats before a clear)
         PressureCheckpointCallback(monitor),
-        CacheClearerCallback(env.run_dir, rank=env.rank),
+        CacheClearerCallback(env.run_dir, rank=env.rank, monitor=monitor),
         NanGuardCallback(env.run_dir, rank=env.rank,
                          skip_steps=env.nan_skip_steps if nan_skip_steps is None else nan_skip_steps),
         RecipeCallback(env),  # on_train_begin: an ordered learning_rate over the restored schedule; recipe in force

@@ -1,48 +1,53 @@
-"""A warm launcher's single-process worker, forked from it instead of started cold (issue 17 item 1).
+"""A warm launcher's single-process worker, forked from the spare instead of started cold (issue 17 item 1).
 
 ``accelerate launch train.py`` and ``trl sft …`` (which calls accelerate's launcher) run their one
 worker as ``subprocess.Popen([sys.executable, script, *args], env=…)`` from
 ``accelerate.commands.launch.simple_launcher``, and wait for it. When the launcher itself is a warm
-spare (it already holds torch, transformers, peft, trl…), the worker can be a ``fork`` of it that
-becomes ``python script args`` the way :mod:`.become` turns the spare into a child: the worker
-starts with the imports done instead of paying them again.
+spare (it already holds torch, transformers, peft, trl…), the worker can start with those imports done:
 
-Only where that is exactly a fresh worker, checked at the launch (:func:`why_not`); otherwise the
-launcher's own ``Popen`` runs, and the worker's start is journaled either way (``worker_start``):
+- **The pre-forked worker.** :func:`arm` runs as the spare becomes the launcher, before any launcher
+  code: it forks once, there and then. The fork child (the *pre-worker*) waits on a pipe; it is the
+  spare's state right after its imports (the state a warm child starts from), with nothing of the
+  launcher's own code in it: no CUDA context (``trl sft`` parses its ``SFTConfig`` in the launcher,
+  which initialises CUDA through accelerate's ``PartialState``: a fork *at the launch* would copy a
+  driver the child cannot use), no launcher threads, none of the launcher's module state. The fork
+  is made only where the spare is single-threaded in Python and nothing has called ``cuInit``.
+- **At the launch** accelerate's launch module gets a ``subprocess`` whose ``Popen`` (:class:`ForkPopen`)
+  hands the worker's command, environment and working directory to the pre-worker, which becomes
+  ``python script args`` the way :mod:`.become` turns the spare into a child; its pid is the Popen's.
+  It is the launcher's own child, so the launcher's code around it (``wait``, the return code,
+  ``CalledProcessError``, its traceback) runs as written. Where :func:`why_not` finds the hand-over
+  is not exactly a fresh worker, the launcher's own ``Popen`` runs; the worker's start is journaled
+  either way (``worker_start``). The conditions:
 
-- the command is ``[sys.executable, script | -m module, …]``, the interpreter had no options;
-- no Python thread but the main one, and no native thread beyond those the imports started (the
-  BLAS pool: OpenBLAS winds it down and back up around a fork with its own ``pthread_atfork``
-  handlers), since a thread that holds a lock at the fork leaves it held in the child; nothing called ``cuInit``
-  (a forked child cannot use a driver its parent initialised). The launcher's own availability
-  check (``torch.cuda.is_available``: ``cudaGetDeviceCount`` → ``cuInit``) is answered from NVML
-  for the launcher's life, as torch's ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` does (:mod:`.cuda_view`);
-  the worker gets torch's own function back;
-- the worker's environment differs from the launcher's only in what the launcher sets and nothing
-  reads at import (:data:`RUNTIME_ENV`: ``ACCELERATE_*``, ``MASTER_ADDR``/``PORT``, and
-  ``OMP_NUM_THREADS``, which the worker re-applies with ``torch.set_num_threads``, the value a fresh
-  interpreter's OpenMP would read; ``KMP_*``, which ``accelerate launch --cpu`` sets for Intel's
-  OpenMP, when that library is not loaded: torch's libgomp never reads it).
+  - the command is ``[sys.executable, script | -m module, …]``, the interpreter had no options, the
+    ``Popen`` sets nothing but the command and ``env`` (no pipes, cwd, session, fds);
+  - the worker's environment differs from the one the pre-worker's imports saw only in what the
+    launcher sets and nothing reads at import (:data:`RUNTIME_ENV`: ``ACCELERATE_*``,
+    ``MASTER_ADDR``/``PORT``, and ``OMP_NUM_THREADS``, which the worker re-applies with
+    ``torch.set_num_threads``, the value a fresh interpreter's OpenMP would read; ``KMP_*``, which
+    ``accelerate launch --cpu`` sets for Intel's OpenMP, when that library is not loaded: torch's
+    libgomp never reads it);
+  - the launcher's stdin, stdout and stderr are still the files they were at the fork.
 
-accelerate's launch module gets a ``subprocess`` whose ``Popen`` (:class:`ForkPopen`) does the fork in
-its ``_execute_child``; the launcher's own code around it (``wait``, the return code,
-``CalledProcessError``, its traceback) runs as written. The fork child: every writable file
-flushed before the fork (no buffer written twice), the
-worker's environment (``putenv``), the interpreter's initial signal handlers, ``sys.argv`` /
-``orig_argv`` / ``path`` as a fresh ``python script`` has them, torch's CUDA functions back, the
-bootstrap's per-process state reset, the script run in a new ``__main__``; it ends as the
-interpreter's top level would end it (exit codes, ``SystemExit`` messages, tracebacks,
-``KeyboardInterrupt``) through :func:`oomguard.bootstrap.fast_exit.finish` (threads joined, atexit
-run, files flushed) and never returns into the launcher's code. The launcher waits for it as
-``Popen.wait`` would and handles its return code exactly as accelerate does.
+The pre-worker, once told: the launcher's working directory of the moment, the worker's environment
+(``putenv``), the interpreter's initial signal handlers, ``sys.argv`` / ``orig_argv`` / ``path`` as a
+fresh ``python script`` has them, the bootstrap's per-process state reset, the script run in a new
+``__main__``; it ends as the interpreter's top level would end it (exit codes, ``SystemExit``
+messages, tracebacks, ``KeyboardInterrupt``) through :func:`oomguard.bootstrap.fast_exit.finish`
+(threads joined, atexit run, files flushed). Never told (the launcher ran torchrun's agent, a second
+worker, or died): it sees the pipe close and exits 0 at once, without a word; a signal while it waits
+ends it the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import inspect
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -55,7 +60,9 @@ from oomguard.spare.become import Saved, path0, restore_signals, run_code
 __all__ = ["RUNTIME_ENV", "ForkPopen", "arm", "armed", "why_not"]
 
 RUNTIME_ENV = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")  # and every ACCELERATE_*: read at run time
-_state: dict[str, Any] = {"saved": None, "view": None, "threads": frozenset()}
+_LENGTH = struct.Struct("!Q")  # the orders' length, then their JSON
+# saved: the spare's start state; pre: the pre-worker (pid, fd, what its imports saw); why: none and why
+_state: dict[str, Any] = {"saved": None, "pre": None, "why": None}
 
 
 def armed() -> bool:
@@ -63,21 +70,117 @@ def armed() -> bool:
 
 
 def arm(saved: Saved) -> None:
-    """In a spare that became a launcher: fork its single-process worker where that is safe."""
+    """In a spare that becomes a launcher, before the launcher's code: fork the pre-worker where that
+    is safe, and route accelerate's worker ``Popen`` to it."""
     from oomguard.bootstrap.imports import when_imported
 
-    _state["saved"] = saved
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch.version, "cuda", None):
-        from oomguard.spare.cuda_view import answers, nvml_view
-
-        caps = answers(torch.cuda)
-        if isinstance(caps, tuple):
-            stack = contextlib.ExitStack()
-            stack.enter_context(nvml_view(torch.cuda, caps))
-            _state["view"] = stack
-    _state["threads"] = _tids()  # the imports' (and NVML's) own native threads, before any launcher code
+    _state["saved"], _state["pre"] = saved, None
+    _state["why"] = _fork_problem()
+    if _state["why"] is None:
+        _state["pre"] = _fork_pre_worker()
     when_imported("accelerate.commands.launch", _patch)
+
+
+def _fork_problem() -> str | None:
+    """Why the spare cannot fork its pre-worker now (threads, an initialised CUDA driver), or None."""
+    from oomguard.spare.cuda_view import driver_initialised
+
+    if threading.active_count() != 1:
+        return f"the spare runs {threading.active_count()} Python threads (forking threads is unsafe)"
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.version, "cuda", None) and \
+            (torch.cuda.is_initialized() or driver_initialised()):
+        return "the spare initialised CUDA (a forked worker could not use it)"
+    return None
+
+
+def _stdio() -> tuple[tuple[int, int] | None, ...]:
+    """(device, inode) of fds 0-2: which files the worker would inherit."""
+    out = []
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+            out.append((st.st_dev, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _fork_pre_worker() -> dict[str, Any]:
+    from oomguard.bootstrap.fast_exit import _flush, open_writable_files
+    from oomguard.spare.cuda_view import library_mapped
+
+    _flush(open_writable_files())  # nothing buffered at the fork: no line written twice
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the pre-worker: becomes the worker or exits, never returns
+        os.close(write_fd)
+        _await_orders(read_fd)
+    os.close(read_fd)
+    pre = {"pid": pid, "fd": write_fd, "environ": dict(os.environ), "stdio": _stdio(),
+           "kmp_unread": library_mapped((b"libiomp",)) is False}  # KMP_* (accelerate --cpu): Intel OpenMP's
+    atexit.register(_release, pre)
+    return pre
+
+
+def _release(pre: dict[str, Any]) -> None:
+    """At the launcher's exit, a pre-worker never told: close its pipe (it exits) and reap it."""
+    if _state["pre"] is not pre:
+        return
+    _state["pre"] = None
+    try:
+        os.close(pre["fd"])
+        os.waitpid(pre["pid"], 0)
+    except OSError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except OSError:
+        pass
+
+
+def _await_orders(fd: int) -> None:  # pragma: no cover - runs in the pre-worker
+    try:
+        orders = _read_orders(fd)
+        os.close(fd)
+    except BaseException:  # noqa: BLE001 - a signal or a broken pipe while idle: go quietly
+        os._exit(0)
+    if orders is None:  # the launcher closed the pipe: no worker to be
+        os._exit(0)
+    try:
+        os.chdir(orders["cwd"])
+    except OSError:
+        pass
+    _be_worker(list(orders["cmd"]), dict(orders["env"]))
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_orders(fd: int) -> dict[str, Any] | None:
+    head = _read_exact(fd, _LENGTH.size)
+    if head is None:
+        return None
+    body = _read_exact(fd, _LENGTH.unpack(head)[0])
+    return None if body is None else json.loads(body)
+
+
+def _send_orders(fd: int, orders: Mapping[str, Any]) -> None:
+    body = json.dumps(orders).encode()
+    data = _LENGTH.pack(len(body)) + body
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _patch(module: Any) -> None:
@@ -114,10 +217,21 @@ class ForkPopen(subprocess.Popen):
     def _execute_child(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         call = _EXECUTE.bind(self, *args, **kwargs).arguments
         why = _call_problem(call) or why_not(call["args"], call["env"])
+        pid = None
+        if why is None:
+            pre, _state["pre"] = _state["pre"], None
+            try:
+                _send_orders(pre["fd"], {"cmd": list(call["args"]), "env": dict(call["env"]), "cwd": os.getcwd()})
+                pid = pre["pid"]
+            except OSError as exc:
+                why = f"the pre-forked worker is gone ({exc})"
+                _reap(pre["pid"])
+            finally:
+                os.close(pre["fd"])
         _journal("fork" if why is None else "exec", why)
-        if why is not None:
+        if pid is None:
             return super()._execute_child(*args, **kwargs)  # type: ignore[misc]
-        self.pid = _fork(list(call["args"]), dict(call["env"]))
+        self.pid = pid
         self._child_created = True
         self._closed_child_pipe_fds = True  # there were none: what _execute_child says when it is done
         return None
@@ -143,7 +257,7 @@ def _journal(start: str, reason: str | None) -> None:
         return
     try:
         emit_event(run_dir, Event.WORKER_START, attempt=int(os.environ.get(ENV_ATTEMPT) or 1), start=start,
-                   reason=reason or "a fork of the warm launcher, its imports done")
+                   reason=reason or "the warm launcher's pre-forked worker, its imports done")
     except (OSError, ValueError):
         pass
 
@@ -159,67 +273,30 @@ def _worker(cmd: Sequence[str]) -> tuple[str, str] | None:
     return "script", cmd[1]
 
 
-def _tids() -> frozenset[str]:
-    try:
-        return frozenset(os.listdir("/proc/self/task"))
-    except OSError:
-        return frozenset()  # unknown: not safe
-
-
-def _named(tids: frozenset[str]) -> str:
-    """The threads' names (``/proc/self/task/TID/comm``), for the journal."""
-    names = []
-    for tid in sorted(tids):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            names.append(tid)
-    return ", ".join(names)
-
-
 def why_not(cmd: Sequence[str], env: Mapping[str, str]) -> str | None:
-    """Why the worker cannot be a fork of this launcher (it then starts as the launcher asked)."""
-    from oomguard.spare.cuda_view import driver_initialised, library_mapped
-
+    """Why the worker cannot be the pre-forked one (it then starts as the launcher asked)."""
     if not armed():
         return "the launcher did not start warm"
+    pre = _state["pre"]
+    if pre is None:
+        return _state["why"] or "the pre-forked worker was taken by an earlier worker"
     if _worker(cmd) is None:
         python = os.path.basename(sys.executable)
         return f"the worker command is not `{python} SCRIPT|-m MODULE …` ({' '.join(cmd[:3])})"
     if len(sys.orig_argv) > 1 and sys.orig_argv[1].startswith("-") and sys.orig_argv[1] != "-m":
         return f"the launcher's interpreter has options ({sys.orig_argv[1]}) its worker would not"
-    if threading.active_count() != 1:
-        return f"the launcher runs {threading.active_count()} Python threads (forking threads is unsafe)"
-    native, known = _tids(), _state["threads"]
-    if not native or not known or native - known:
-        return (f"the launcher started native threads after its imports ({_named(native - known) or 'unknown'}; "
-                "forking threads is unsafe)")
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch.version, "cuda", None) and \
-            (torch.cuda.is_initialized() or driver_initialised()):
-        return "the launcher initialised CUDA (a forked worker could not use it)"
-    kmp_unread = library_mapped((b"libiomp",)) is False  # KMP_* (accelerate --cpu): Intel OpenMP's, not libgomp's
-    changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)
+    seen = pre["environ"]
+    changed = sorted(k for k in set(env) | set(seen) if env.get(k) != seen.get(k)
                      and not k.startswith("ACCELERATE_") and k not in RUNTIME_ENV
-                     and not (kmp_unread and k.startswith("KMP_")))
+                     and not (pre["kmp_unread"] and k.startswith("KMP_")))
     if changed:
         return f"the worker's environment differs in what is read at import ({', '.join(changed[:6])})"
     threads = env.get("OMP_NUM_THREADS", "").strip()
     if threads and not threads.isdigit():
         return f"OMP_NUM_THREADS={threads!r} is not a number a forked worker can apply"
+    if _stdio() != pre["stdio"]:
+        return "the launcher's stdin, stdout or stderr is not the file it was at the fork"
     return None
-
-
-def _fork(cmd: list[str], env: dict[str, str]) -> int:
-    """Fork; the child becomes the worker and never returns; the parent gets its pid."""
-    from oomguard.bootstrap.fast_exit import _flush, open_writable_files
-
-    _flush(open_writable_files())  # nothing buffered at the fork: no line written twice
-    pid = os.fork()
-    if pid == 0:
-        _be_worker(cmd, env)  # pragma: no cover - never returns
-    return pid
 
 
 def _be_worker(cmd: list[str], env: dict[str, str]) -> None:
@@ -244,9 +321,7 @@ def _be_worker(cmd: list[str], env: dict[str, str]) -> None:
 
 def _run_worker(cmd: list[str], env: dict[str, str]) -> int:
     saved: Saved = _state["saved"]
-    view = _state["view"]
-    if view is not None:
-        view.close()  # torch's own is_available / get_device_capability for the worker
+    _state["pre"] = None  # this process is the worker now
     os.environ.clear()
     os.environ.update(env)
     restore_signals(saved)

@@ -4,8 +4,9 @@ trains, that becomes the next attempt's child. Supervisor side; the spare's own 
 turns it off).
 
 - **Which commands** (:func:`warm_target`): ``python script.py``, ``python -m pkg``, Python console
-  scripts, and the ``accelerate``/``trl`` launchers, whose single-process worker then forks from the
-  warm launcher (``spare/fork_worker.py``). torchrun, deepspeed, shells and ``python -c`` start cold.
+  scripts, and the ``accelerate``/``trl`` launchers, whose single-process worker then is a fork the
+  warm launcher made before its own code ran (``spare/fork_worker.py``). torchrun, deepspeed, shells
+  and ``python -c`` start cold.
 - **When**: during attempt N, once its heartbeat moved (it trains) or :data:`START_AFTER_S` after
   its launch, and only if its process has torch loaded (``/proc/PID/maps``; a script of the
   standard library alone is not even looked at); never during attempt 1's own start-up. Attempt 1
@@ -77,7 +78,7 @@ class Target:
     name: str
     argv: tuple[str, ...]
     orig_argv: tuple[str, ...]
-    launcher: str | None = None  # accelerate / trl: its single-process worker forks from it (spare/fork_worker.py)
+    launcher: str | None = None  # accelerate / trl: its single-process worker is pre-forked (spare/fork_worker.py)
     also: tuple[tuple[str, str], ...] = ()  # what else it preloads: ("script", the worker path) or ("default", "")
 
     def same_start(self, other: "Target") -> bool:

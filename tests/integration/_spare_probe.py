@@ -28,6 +28,10 @@ def seen() -> dict:
         "cuda_initialized": bool(torch.cuda.is_initialized()) if torch is not None else None,
         "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
         "threads": torch.get_num_threads() if torch is not None else None,
+        # a launcher's worker holds nothing the launcher's run did (fork_worker forks it before that runs;
+        # modules the spare preloaded are there, as in any warm child): the launch module's patch is not in it
+        "launcher_ran": getattr(sys.modules.get("accelerate.commands.launch"), "subprocess", None)
+        not in (None, sys.modules.get("subprocess")),
     }
 
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from test_spare import PROBE, _run, _same
 
@@ -53,6 +54,8 @@ def test_a_launchers_worker_forks_warm_and_starts_as_the_cold_one(tmp_path, beha
     assert warm_seen["env"]["ACCELERATE_MIXED_PRECISION"] == "no" and warm_seen["threads"] == cold_seen["threads"]
     norm = lambda err, side: err.replace(str(tmp_path / side), "T")  # noqa: E731
     assert norm(cold_err, "c") == norm(warm_err, "w")
+    assert warm_seen["launcher_ran"] is cold_seen["launcher_ran"] is False
+    assert not _spares_alive(tmp_path)
     if behaviour == "term":
         assert "died with <Signals.SIGTERM: 15>" in warm_err or "-15" in warm_err, warm_err[-2000:]
 
@@ -69,6 +72,17 @@ def test_a_worker_started_another_way_is_not_forked(tmp_path):
     forks = _worker_starts(tmp_path / "warm")
     assert [f["start"] for f in forks] == ["exec"] and "CUDA_VISIBLE_DEVICES" in forks[0]["reason"], forks
     assert warm.exit_code == 0 and seen["env"]["CUDA_VISIBLE_DEVICES"] == "0", err
+    assert not _spares_alive(tmp_path), "the unused pre-forked worker outlived its launcher"
+
+
+def _spares_alive(tmp: Path) -> list[str]:
+    """Live processes started as this test's spares (the pre-forked worker keeps the spare's command line)."""
+    alive = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if "oomguard.spare" in cmdline and str(tmp) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            alive.append(f"{proc.pid}: {cmdline}")
+    return alive
 
 
 def test_torchrun_starts_cold_and_says_why(tmp_path):

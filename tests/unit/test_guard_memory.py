@@ -114,3 +114,20 @@ def test_clear_reason(allocated, reserved, split, retries_before, retries_now, e
     cur = sample_from_stats(2, stats(allocated, allocated=allocated, reserved=reserved, retries=retries_now,
                                      split=split))
     assert clear_reason(prev, cur) == expected
+
+
+def test_the_clearer_judges_the_monitors_sample_of_the_step_and_reads_its_own_otherwise():
+    """The monitor runs first at each step end; its sample is the clearer's (the allocator's stats are read
+    once per step). A sample of another step, or none, is not used."""
+    from types import SimpleNamespace
+
+    from oomguard.guard.callbacks.cache import CacheClearerCallback
+    from oomguard.guard.callbacks.memory import MemorySample
+
+    fragmented = MemorySample(step=7, allocated=10 * GIB, reserved=20 * GIB, inactive_split=4 * GIB)
+    clearer = CacheClearerCallback(monitor=SimpleNamespace(latest=fragmented))
+    assert clearer._sample(7) is fragmented
+    assert clear_reason(None, clearer._sample(7)) is ClearReason.FRAGMENTATION
+    own = clearer._sample(8)  # the monitor's is step 7's: read again (on CPU, no allocator figures)
+    assert own is not fragmented and own.step == 8 and own.inactive_split == 0
+    assert CacheClearerCallback()._sample(7).step == 7  # no monitor at all

@@ -196,7 +196,7 @@ def test_a_hand_over_that_fails_falls_back_to_the_synchronous_check(monkeypatch)
 
     model, opt = trained_pair()
     guard = begun(NanGuardCallback(skip_steps=0), opt, step=0)
-    monkeypatch.setattr(nan, "PendingVerdict", lambda flag: (_ for _ in ()).throw(TypeError("no fused norm")))
+    monkeypatch.setattr(nan, "PendingVerdict", lambda flag, slots=None: (_ for _ in ()).throw(TypeError("no fused norm")))
     guard.observe_loss(micro_batch(model, math.nan))
     assert guard.handover_failed == "TypeError: no fused norm" and guard.pending is None
     monkeypatch.undo()

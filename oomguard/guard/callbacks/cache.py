@@ -48,8 +48,13 @@ def clear_cache() -> int:
 
 
 class CacheClearerCallback(TrainerCallback):
-    def __init__(self, run_dir=None, *, rank: int = 0, frag_ratio: float = 0.1, frag_min_bytes: int = 1 * GIB):
+    """``monitor``: the run's MemoryMonitorCallback (it runs first each step); the step's figures are
+    then its sample, read once for both, instead of a second read of the allocator's stats."""
+
+    def __init__(self, run_dir=None, *, rank: int = 0, frag_ratio: float = 0.1, frag_min_bytes: int = 1 * GIB,
+                 monitor=None):
         self.journal = EventWriter(run_dir, rank)
+        self.monitor = monitor
         self.frag_ratio = frag_ratio  # share of reserved memory
         self.frag_min_bytes = frag_min_bytes
         self.previous: MemorySample | None = None
@@ -64,12 +69,18 @@ class CacheClearerCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not self._usable():
             return
-        cur = sample_from_stats(state.global_step, device.memory_stats())
+        cur = self._sample(state.global_step)
         reason = clear_reason(self.previous, cur, frag_ratio=self.frag_ratio, frag_min_bytes=self.frag_min_bytes)
         if reason is not None:
             self.clear(state.global_step, reason)
             cur = sample_from_stats(state.global_step, device.memory_stats())
         self.previous = cur
+
+    def _sample(self, step: int) -> MemorySample:
+        latest = getattr(self.monitor, "latest", None)
+        if latest is not None and latest.step == step and latest.cuda:  # the monitor's, read this step end
+            return latest
+        return sample_from_stats(step, device.memory_stats())
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self._usable():

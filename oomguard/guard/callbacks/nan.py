@@ -76,10 +76,16 @@ def non_finite_found(tensors: list[torch.Tensor]) -> torch.Tensor:
     fp16 step) with an ``inv_scale`` of exactly 1.0: the kernel writes ``x`` back unchanged (it skips
     the multiply for 1.0), in a few launches for the whole list and no Python object per tensor.
     """
-    found = torch.zeros(1, dtype=torch.float32, device=tensors[0].device)
-    one = torch.ones(1, dtype=torch.float32, device=tensors[0].device)
+    device = tensors[0].device
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    one = _ONES.get(device)
+    if one is None:  # read only by the kernel: one per device for the process
+        one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
 
 
 def _group_finite(group: list[torch.Tensor]) -> torch.Tensor:
@@ -92,10 +98,12 @@ def _group_finite(group: list[torch.Tensor]) -> torch.Tensor:
 def every(flags: list[torch.Tensor | None]) -> torch.Tensor | None:
     """The AND of 0-d bool tensors, maybe on several devices (on the first one's); None when none."""
     flags = [f for f in flags if f is not None]
-    if len(flags) <= 1:
-        return flags[0] if flags else None
-    target = flags[0].device
-    return torch.stack([f.to(target, non_blocking=True) for f in flags]).all()
+    if not flags:
+        return None
+    out, target = flags[0], flags[0].device
+    for f in flags[1:]:  # one kernel per AND
+        out = out & (f if f.device == target else f.to(target, non_blocking=True))
+    return out
 
 
 def all_finite(grads: list[torch.Tensor], loss: torch.Tensor | None = None) -> bool:
@@ -105,14 +113,22 @@ def all_finite(grads: list[torch.Tensor], loss: torch.Tensor | None = None) -> b
 
 
 class PendingVerdict:
-    """A verdict queued on the device; on CUDA copied into pinned host memory behind an event."""
+    """A verdict queued on the device; on CUDA copied into pinned host memory behind an event.
 
-    def __init__(self, flag: torch.Tensor):
+    ``slots`` (device -> (pinned byte, event)) lets one guard reuse its byte and event every step: the
+    copy and the record are queued on the stream in order, so a verdict read after its event holds
+    that verdict, and a newer one (the next micro-batch's) replaces the older in the same byte."""
+
+    def __init__(self, flag: torch.Tensor, slots: dict[Any, tuple[torch.Tensor, Any]] | None = None):
         if flag.is_cuda:
-            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            slot = slots.get(flag.device) if slots is not None else None
+            if slot is None:
+                slot = (torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event())
+                if slots is not None:
+                    slots[flag.device] = slot
+            self.host, self.event = slot
             with torch.cuda.device(flag.device):
                 self.host.copy_(flag, non_blocking=True)
-                self.event: Any = torch.cuda.Event()
                 self.event.record()  # on the stream that queued the copy
         else:  # CPU: already computed
             self.host, self.event = flag, None
@@ -148,6 +164,7 @@ class NanGuardCallback(TrainerCallback):
         self._losses: torch.Tensor | None = None  # this step's micro-batch losses finite so far (device)
         self.ready_at_check = self.checks = 0  # how often the queued verdict was there when read
         self.handover_failed: str | None = None  # why the verdict is no longer queued (then: checked at once)
+        self._slots: dict[Any, tuple[torch.Tensor, Any]] = {}  # PendingVerdict's pinned byte and event
 
     # -- the hand-over from training_step (guarded_train's wrapper) -------------------------------
     def observe_loss(self, loss: torch.Tensor | None) -> None:
@@ -158,10 +175,13 @@ class NanGuardCallback(TrainerCallback):
         if self.handover_failed is not None:
             return
         try:
-            ok = loss.reshape(-1)[:1].isfinite().all()
-            self._losses = ok if self._losses is None else self._losses & ok
+            flat = loss.reshape(-1)
+            if flat.numel():  # its first element, as the Trainer logs it; one kernel
+                ok = flat[0].isfinite()
+                self._losses = ok if self._losses is None else self._losses & ok
             grads = None if self.fp16 else self._optimizer_grads()
-            self.pending = PendingVerdict(every([finite_flag(grads) if grads else None, self._losses]))
+            flag = every([finite_flag(grads) if grads else None, self._losses])
+            self.pending = PendingVerdict(flag, self._slots) if flag is not None else None
         except Exception as exc:  # noqa: BLE001 - a gradient type the fused check cannot take (sharded, …):
             self.handover_failed = f"{type(exc).__name__}: {exc}"  # every later step checks synchronously
             self.pending = self._losses = None
