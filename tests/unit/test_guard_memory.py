@@ -131,3 +131,33 @@ def test_the_clearer_judges_the_monitors_sample_of_the_step_and_reads_its_own_ot
     own = clearer._sample(8)  # the monitor's is step 7's: read again (on CPU, no allocator figures)
     assert own is not fragmented and own.step == 8 and own.inactive_split == 0
     assert CacheClearerCallback()._sample(7).step == 7  # no monitor at all
+
+
+def _growth_by_the_fit(samples, cap, window=20, min_slope=2**20, min_rising_share=0.75, min_samples=8):
+    """detect_growth as first written (the fit, then the rising share): the cheap exits must not change it."""
+    from oomguard.guard.callbacks.memory import Growth, project_cap_step, rising_share, theil_sen
+
+    recent = list(samples)[-window:]
+    if len(recent) < max(3, min(min_samples, window)):
+        return None
+    share = max(min_rising_share, 0.9) if len(recent) < window else min_rising_share
+    xs, ys = [float(s.step) for s in recent], [float(s.peak) for s in recent]
+    slope, intercept = theil_sen(xs, ys)
+    if slope < min_slope or rising_share(ys) < share:
+        return None
+    step = recent[-1].step
+    return Growth(slope=slope, level=slope * step + intercept, step=step, cap=cap,
+                  projected_step=project_cap_step(slope, intercept, step, cap))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_cheap_exits_of_detect_growth_keep_its_verdicts(seed):
+    from oomguard.guard.callbacks.memory import MemorySample
+
+    rng = random.Random(seed)
+    slope = rng.choice([0, 0, 0.2, 0.9, 1.0, 1.1, 3, 50]) * MIB
+    noise = rng.choice([0, 0.1, 0.5, 2, 20]) * MIB
+    n = rng.randint(3, 30)
+    samples = [MemorySample(step=10 + i, peak=int(8 * GIB + slope * i + rng.uniform(-noise, noise)))
+               for i in range(n)]
+    assert detect_growth(samples, cap=16 * GIB) == _growth_by_the_fit(samples, 16 * GIB)

@@ -140,8 +140,13 @@ def detect_growth(samples: Sequence[MemorySample], *, cap: int | None, window: i
         min_rising_share = max(min_rising_share, 0.9)
     xs = [float(s.step) for s in recent]
     ys = [float(s.peak) for s in recent]
+    # Cheap exact exits first (this runs every step; a flat or noisy series is the usual one): a median
+    # pairwise slope >= min_slope needs some pair rising by >= min_slope over >= 1 step, so a range below
+    # it is no growth; then the rising share, which is cheaper than the fit.
+    if max(ys) - min(ys) < min_slope or rising_share(ys) < min_rising_share:
+        return None
     slope, intercept = theil_sen(xs, ys)
-    if slope < min_slope or rising_share(ys) < min_rising_share:
+    if slope < min_slope:
         return None
     step = recent[-1].step
     level = slope * step + intercept
