@@ -8,26 +8,22 @@ emergency checkpoint, the supervisor's rung and resume, the NaN guard and rollba
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _shared import shared_demo
 
 from oomguard.protocol import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 24
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    r = subprocess.run([sys.executable, "-m", "oomguard", "demo", "--run-dir", str(run_dir),
-                        "--max-steps", str(MAX_STEPS)], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return r, run_dir
+    """The demo run, shared with test_report_html.py (one run of `oomguard demo` per test session)."""
+    code, stderr, run_dir = shared_demo(tmp_path_factory, MAX_STEPS)
+    return subprocess.CompletedProcess(["oomguard", "demo"], code, "", stderr), run_dir
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from _shared import shared_demo
 
 ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -46,10 +47,10 @@ def browse(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
-    rd = tmp_path_factory.mktemp("html") / "demo-run"
-    r = subprocess.run([sys.executable, "-m", "oomguard", "demo", "--run-dir", str(rd)], capture_output=True,
-                       text=True, check=False, timeout=900, cwd=tmp_path_factory.getbasetemp(), env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
+    """A real `oomguard demo` run (default 24 steps), started outside the checkout: the one test_demo.py
+    checks, shared (one demo run per test session)."""
+    code, stderr, rd = shared_demo(tmp_path_factory)
+    assert code == 0, stderr[-3000:]
     return rd
 
 
