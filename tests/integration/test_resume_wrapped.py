@@ -1,10 +1,15 @@
 """Issue 5: sample-exact resume for a wrapped, unchanged ``trl sft`` command under ``oomguard run``.
 
-One uninterrupted run, and one with a ``cuda_oom`` injected in step 4 whose policy halves the
-per-device batch and doubles accumulation (effective batch 4 kept; ``policies/wrap.yaml``). Attempt 2
-resumes from the checkpoint the child saved on the way down (the ledger keeps the newest attempt's
-record for a step trained twice), and every step must have consumed the same rows, in the same order,
-as the uninterrupted run.
+One uninterrupted run, and one with a ``cuda_oom`` injected in step 3 whose policy halves the per-device
+batch and doubles accumulation (effective batch 4 kept). Attempt 2 resumes from the checkpoint the child
+saved (the ledger keeps the newest attempt's record for a step trained twice), and every step must have
+consumed the same rows, in the same order, as the uninterrupted run.
+
+The two runs are test_wrap_matrix.py's trl_flags style (``trl sft --model_name_or_path .. --dataset_name ..
+--use_peft --lora_r 8 --lora_alpha 16 --per_device_train_batch_size 4 --max_length 64 --max_steps 4
+--save_steps 2 ...``): its run without a fault (policies/matrix.yaml) and its run through the injected OOM
+(policies/matrix_oom.yaml: two rungs no child has are passed over, then halve_batch), made once per test
+session and shared (tests/integration/_shared.py); here they are read through oomguard's sample ledger.
 """
 
 from __future__ import annotations
@@ -13,38 +18,26 @@ import json
 from pathlib import Path
 
 import pytest
-from _wrap_run import BIN, oomguard_run
+from test_wrap_matrix import MAX_STEPS, shared_oom, shared_wrapped
 
 from oomguard.guard.resume.ledger import ledger_file, read_ledger, samples_seen
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
-POLICY = HERE / "policies" / "wrap.yaml"  # cuda_oom: batch 4 -> 2, accumulation 1 -> 2
-STEPS = 5
+STEPS = MAX_STEPS  # 4
 
 
-def trl_sft(run_dir: Path, out: Path, model_dir: Path, data_dir: Path, inject: str | None = None) -> dict:
-    """``oomguard run [--inject …] -- trl sft …`` to success; returns run.json."""
-    # the shuffled sampler (seed 42) makes the order non-trivial; the resume must reproduce it
-    oomguard_run(run_dir, POLICY, str(BIN / "trl"), "sft", "--model_name_or_path", str(model_dir),
-                 "--dataset_name", str(data_dir), "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
-                 "--output_dir", str(out), "--max_steps", str(STEPS), "--save_steps", "2",
-                 "--per_device_train_batch_size", "4", "--max_length", "64", "--use_cpu", "--report_to", "none",
-                 "--logging_steps", "1", "--dataloader_num_workers", "0", inject=inject)
-    return json.loads((run_dir / "run.json").read_text())
-
-
-def test_trl_sft_resumes_on_the_exact_next_sample_after_a_batch_rung(tmp_path, model_dir, data_dir):
-    trl_sft(tmp_path / "straight-run", tmp_path / "straight", model_dir, data_dir)
-    run = trl_sft(tmp_path / "run", tmp_path / "out", model_dir, data_dir, "cuda_oom@step=4")
+def test_trl_sft_resumes_on_the_exact_next_sample_after_a_batch_rung(tmp_path_factory):
+    _, straight_run = shared_wrapped(tmp_path_factory, "trl_flags")
+    _, run_dir = shared_oom(tmp_path_factory, "trl_flags")
+    run = json.loads((run_dir / "run.json").read_text())
 
     first, second = run["attempts"]
-    assert first["failure"]["kind"] == "cuda_oom" and first["failure"]["step"] == 3
+    assert first["failure"]["kind"] == "cuda_oom" and first["failure"]["step"] == 2
     assert second["failure"] is None
     assert (second["knobs"]["per_device_train_batch_size"], second["knobs"]["gradient_accumulation_steps"]) == (2, 2)
 
-    want = read_ledger(ledger_file(tmp_path / "straight-run"))
-    got = read_ledger(ledger_file(tmp_path / "run"))
+    want = read_ledger(ledger_file(straight_run))
+    got = read_ledger(ledger_file(run_dir))
     assert [e.step for e in want] == [e.step for e in got] == list(range(1, STEPS + 1))
     assert all(len(e.samples) == 4 for e in want + got)
     resumed_at = int(Path(second["resumed_from"]).name.split("-")[-1])  # checkpoint-2 or an emergency save

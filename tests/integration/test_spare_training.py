@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 from _env import user_env
+from _shared import shared_dir
 from _wrap_run import ROOT
 
 from oomguard.guard.resume.ledger import ledger_file, read_ledger
@@ -20,12 +21,21 @@ from oomguard.protocol import read_jsonl
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-POLICY = HERE / "policies" / "wrap.yaml"  # cuda_oom: batch 4 -> 2, accumulation 1 -> 2
+# cuda_oom: batch 4 -> 2, accumulation 1 -> 2; its knobs say batch 16, which the script (batch 4 hard-coded) never
+# gets on attempt 1: test_wrap_commands.py's test_the_scripts_own_values_run_and_the_ladder_starts_there reads the
+# warm run below for that (one run, shared: tests/integration/_shared.py)
+POLICY = HERE / "policies" / "wrap_adopt.yaml"
 STEPS = 6
 
 
-def _train(tmp: Path, spare: str) -> tuple[dict, list[dict], dict]:
-    """``oomguard run --policy wrap.yaml SPARE --inject cuda_oom@step=3 -- python _wrap_trainer_script.py``."""
+def shared_train(tmp_path_factory, spare: str) -> tuple[Path, Path]:
+    """``oomguard run --policy wrap_adopt.yaml SPARE --inject cuda_oom@step=3 -- python _wrap_trainer_script.py
+    OUT 6``, once per test session: ``(run dir, out)``."""
+    path = shared_dir(tmp_path_factory, f"spare-training{spare}", lambda path: _train(path, spare))
+    return path / f"run{spare}", path / f"out{spare}"
+
+
+def _train(tmp: Path, spare: str) -> None:
     run_dir, out = tmp / f"run{spare}", tmp / f"out{spare}"
     env = user_env()
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get(
@@ -35,6 +45,9 @@ def _train(tmp: Path, spare: str) -> tuple[dict, list[dict], dict]:
            str(out), str(STEPS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _read(run_dir: Path, out: Path) -> tuple[dict, list[dict], dict]:
     run = json.loads((run_dir / "run.json").read_text())
     state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     return run, list(read_jsonl(run_dir / "events.jsonl")), state
@@ -52,9 +65,9 @@ def _writers_of(path: Path) -> list[int]:
     return found
 
 
-def test_attempt_two_runs_warm_and_resumes_exactly_as_a_cold_start(tmp_path):
-    warm_run, warm_events, warm_state = _train(tmp_path, "--warm-spare")
-    cold_run, cold_events, cold_state = _train(tmp_path, "--no-warm-spare")
+def test_attempt_two_runs_warm_and_resumes_exactly_as_a_cold_start(tmp_path_factory):
+    (warm_dir, _), (cold_dir, _) = dirs = [shared_train(tmp_path_factory, s) for s in ("--warm-spare", "--no-warm-spare")]
+    (warm_run, warm_events, warm_state), (cold_run, cold_events, cold_state) = (_read(*d) for d in dirs)
     for run in (warm_run, cold_run):
         first, second = run["attempts"]
         assert first["failure"]["kind"] == "cuda_oom" and second["failure"] is None
@@ -66,8 +79,7 @@ def test_attempt_two_runs_warm_and_resumes_exactly_as_a_cold_start(tmp_path):
         "cold start: the warm spare is off (--no-warm-spare or OOMGUARD_WARM_SPARE=0)"
     assert not any(e["event"] == "child_start" and e["attempt"] == 1 for e in warm_events + cold_events)
     # exact resume: the same rows per step, every step once, the same losses step by step
-    warm_ledger, cold_ledger = (read_ledger(ledger_file(tmp_path / f"run{s}")) for s in ("--warm-spare",
-                                                                                         "--no-warm-spare"))
+    warm_ledger, cold_ledger = (read_ledger(ledger_file(d)) for d in (warm_dir, cold_dir))
     assert [e.step for e in warm_ledger] == list(range(1, STEPS + 1))
     assert [e.attempt for e in warm_ledger] == [1, 1] + [2] * (STEPS - 2)
     assert [e.samples for e in warm_ledger] == [e.samples for e in cold_ledger]
@@ -76,5 +88,5 @@ def test_attempt_two_runs_warm_and_resumes_exactly_as_a_cold_start(tmp_path):
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     assert losses == [(h["step"], h["loss"]) for h in cold_state["log_history"] if "loss" in h]
     # attempt 2 (it trained) got a spare of its own for an attempt 3; the run's end killed it
-    log = tmp_path / "run--warm-spare" / "spare" / "stderr.log"  # a spare's stderr until it is handed an attempt
+    log = warm_dir / "spare" / "stderr.log"  # a spare's stderr until it is handed an attempt
     assert log.exists() and _writers_of(log) == []

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 from _wrap_run import BIN, oomguard_run
+from test_spare_training import STEPS as SPARE_STEPS
+from test_spare_training import shared_train
+from test_wrap_matrix import shared_oom
 
 from oomguard.protocol import read_jsonl
 
@@ -46,14 +49,14 @@ def knob_paths(event: dict) -> dict[str, str]:
     return {k["field"]: k["via"] for k in event["knobs"]}
 
 
-def test_trl_sft_cli(tmp_path, model_dir, data_dir):
-    out = tmp_path / "out"
-    oomguard_run(tmp_path / "run", POLICY, str(BIN / "trl"), "sft", "--model_name_or_path", str(model_dir),
-                 "--dataset_name", str(data_dir), "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
-                 "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2",
-                 "--per_device_train_batch_size", "4", "--max_length", "64", "--use_cpu", "--report_to", "none",
-                 "--logging_steps", "1", "--learning_rate", "1e-3", "--dataloader_num_workers", "0", warm_spare=True)
-    run, events = recovered(tmp_path / "run")
+def test_trl_sft_cli(tmp_path_factory):
+    """``trl sft --model_name_or_path .. --use_peft --lora_r 8 --lora_alpha 16 --per_device_train_batch_size 4
+    --max_length 64 --max_steps 4 --save_steps 2 ...`` with the warm spare on, through a cuda_oom at step 3 whose
+    rung halves the batch (4 -> 2, accumulation 1 -> 2): the run test_wrap_matrix.py's trl_flags style makes for
+    its OOM case (shared, one run per session; the matrix checks the rest of what the child trained)."""
+    style, run_dir = shared_oom(tmp_path_factory, "trl_flags")
+    out = style.out
+    run, events = recovered(run_dir)
     assert of(events, "attempt_started", 1)[0]["launch"]["launcher"] == "trl"
     # the batch reached the child as a rewritten flag, accumulation (not in the command) in-process
     assert run["attempts"][1]["delivered"]["per_device_train_batch_size"] == "flag"
@@ -107,13 +110,12 @@ def test_plain_sft_script_with_lora_config_gets_the_new_rank(tmp_path, model_dir
     assert saved_args(out / "training_args.bin").max_length == 64
 
 
-def test_the_scripts_own_values_run_and_the_ladder_starts_there(tmp_path):
+def test_the_scripts_own_values_run_and_the_ladder_starts_there(tmp_path_factory):
     """The script hard-codes batch 4; the policy's knobs say 16. Attempt 1 trains at 4 (the policy is
     no order for a wrapped command), requested says 4 as observed in the child, and the batch rung
-    halves 4 -> 2 (accumulation x2): an order the bootstrap applies in-process and the child shows."""
-    run_dir = tmp_path / "run"
-    oomguard_run(run_dir, HERE / "policies" / "wrap_adopt.yaml", sys.executable,
-                 str(HERE / "_wrap_trainer_script.py"), str(tmp_path / "out"), "4", warm_spare=True)
+    halves 4 -> 2 (accumulation x2): an order the bootstrap applies in-process and the child shows.
+    The run (6 steps, the warm spare on) is test_spare_training.py's warm one, shared (one run per session)."""
+    run_dir, _ = shared_train(tmp_path_factory, "--warm-spare")
     run, events = recovered(run_dir)
     assert run["attempts"][0]["orders"] == {} and run["attempts"][0]["delivered"] == {}
     assert run["requested_source"] == "observed" and run["requested"]["per_device_train_batch_size"] == 4
@@ -121,7 +123,7 @@ def test_the_scripts_own_values_run_and_the_ladder_starts_there(tmp_path):
     assert knob_paths(of(events, "bootstrap_trainer", 2)[0])["per_device_train_batch_size"] == "in_process"
     assert [(e["knob"], e["observed"]) for e in of(events, "change_verified", 2)] == [
         ("per_device_train_batch_size", 2), ("gradient_accumulation_steps", 2)]
-    args = saved_args(Path(run["checkpoint_dir"]) / "checkpoint-4" / "training_args.bin")
+    args = saved_args(Path(run["checkpoint_dir"]) / f"checkpoint-{SPARE_STEPS}" / "training_args.bin")
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from typing import Any
 
 import pytest
 from _env import user_env
+from _shared import shared_dir
 from _wrap_run import BIN, ROOT
 
 pytestmark = pytest.mark.slow
@@ -156,10 +158,10 @@ def run_alone(style: Style) -> None:
     assert proc.returncode == 0, f"{style.name} alone failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
 
 
-def run_wrapped(style: Style, run_dir: Path, policy: Path, inject: str | None = None) -> dict:
-    """``oomguard run --policy P --run-dir D --quiet [--inject I] -- COMMAND`` to success; run.json."""
+def run_wrapped(style: Style, run_dir: Path, policy: Path, inject: str | None = None, warm_spare: bool = False) -> dict:
+    """``oomguard run --policy P --run-dir D --quiet [--inject I] [--warm-spare] -- COMMAND`` to success; run.json."""
     cmd = [sys.executable, "-m", "oomguard", "run", "--policy", str(policy), "--run-dir", str(run_dir), "--quiet",
-           *(["--inject", inject] if inject else []), "--", *style.command]
+           *(["--inject", inject] if inject else []), *(["--warm-spare"] if warm_spare else []), "--", *style.command]
     proc = subprocess.run(cmd, cwd=style.cwd, env=style.env, capture_output=True, text=True, timeout=300)
     logs = "".join(f"\n--- {p.relative_to(run_dir)}\n{p.read_text()[-2500:]}"
                    for p in sorted(run_dir.glob("attempts/*/stderr.log")))
@@ -235,33 +237,59 @@ def adapter_config(path: Path) -> dict[str, Any]:
 VOLATILE_FIELDS: frozenset[str] = frozenset()
 
 
-# --- shared alone runs -----------------------------------------------------------------------
+# --- shared runs -------------------------------------------------------------------------------
+# Each style's three runs (alone, wrapped without a fault, wrapped through an injected OOM) are made once per
+# test session (tests/integration/_shared.py): trl_flags' two wrapped runs are also what test_resume_wrapped.py
+# (sample-exact resume of a wrapped trl sft) and test_wrap_commands.py (the trl CLI's knob delivery and the warm
+# spare) check, each from the child's own files, so those files train no trl sft of their own for it.
+# WARM_OOM: the styles whose OOM run starts attempt 2 from the warm spare (the default outside the tests).
+WARM_OOM = frozenset({"trl_flags"})
 
 
-@pytest.fixture(scope="module")
-def alone(tmp_path_factory, model_dir, data_dir):
-    """``alone(name)``: the style's command run by itself once per module, in its own work dir ``A-<name>``:
-    ``(style, result)``; the output dir is then deleted so the wrapped run starts from nothing."""
-    cache: dict[str, tuple[Style, Result]] = {}
-    root = tmp_path_factory.mktemp("matrix")
+def _inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """The default model as a plain model directory and the shipped SFT dataset as a dataset directory."""
+    from oomguard.recipes import default
 
-    def get(name: str) -> tuple[Style, Result]:
-        if name not in cache:
-            style = make_style(name, root / f"A-{name}", model_dir, data_dir)
-            run_alone(style)
-            result = read_result(style)
-            shutil.rmtree(style.out)
-            cache[name] = (style, result)
-        return cache[name]
+    def make(path: Path) -> None:
+        (path / "model_dir").write_text(str(default.ensure_default_model(path / "cache")))
+        (path / "data").mkdir()
+        shutil.copyfile(default.default_dataset_path(), path / "data" / "train.jsonl")
 
-    return get
+    path = shared_dir(tmp_path_factory, "matrix-inputs", make)
+    return Path((path / "model_dir").read_text()), path / "data"
 
 
-@pytest.fixture(scope="module")
-def fresh_style(tmp_path_factory, model_dir, data_dir):
-    """``fresh_style(name)``: the style written into a new work dir of its own (new paths)."""
-    root = tmp_path_factory.mktemp("matrix-fresh")
-    return lambda name: make_style(name, root / name, model_dir, data_dir)
+def shared_alone(tmp_path_factory, name: str) -> tuple[Style, Result]:
+    """The style's command run by itself, in its own work dir: ``(style, result)``; the output dir is then
+    deleted so the wrapped run (same work dir, same paths) starts from nothing."""
+    def make(path: Path) -> None:
+        style = make_style(name, path / f"A-{name}", *_inputs(tmp_path_factory))
+        run_alone(style)
+        result = read_result(style)
+        shutil.rmtree(style.out)
+        (path / "alone.pkl").write_bytes(pickle.dumps((style, result)))
+
+    return pickle.loads((shared_dir(tmp_path_factory, f"matrix-{name}-alone", make) / "alone.pkl").read_bytes())
+
+
+def shared_wrapped(tmp_path_factory, name: str) -> tuple[Style, Path]:
+    """``oomguard run --policy matrix.yaml -- CMD`` (no fault) in the alone run's work dir: ``(style, run dir)``."""
+    style, _ = shared_alone(tmp_path_factory, name)
+    path = shared_dir(tmp_path_factory, f"matrix-{name}-wrapped",
+                      lambda path: run_wrapped(style, path / "run", POLICY))
+    return style, path / "run"
+
+
+def shared_oom(tmp_path_factory, name: str) -> tuple[Style, Path]:
+    """``oomguard run --policy matrix_oom.yaml --inject cuda_oom@step=3 -- CMD``, the style written into a new
+    work dir of its own (new paths): ``(style, run dir)``."""
+    def make(path: Path) -> None:
+        style = make_style(name, path / name, *_inputs(tmp_path_factory))
+        (path / "style.pkl").write_bytes(pickle.dumps(style))
+        run_wrapped(style, path / "run", OOM_POLICY, inject="cuda_oom@step=3", warm_spare=name in WARM_OOM)
+
+    path = shared_dir(tmp_path_factory, f"matrix-{name}-oom", make)
+    return pickle.loads((path / "style.pkl").read_bytes()), path / "run"
 
 
 def expected_requested(style: Style, r: Result) -> dict[str, Any]:
@@ -288,7 +316,7 @@ def expected_requested(style: Style, r: Result) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", STYLES)
-def test_no_fault_attempt_one_is_the_command_alone(name, alone, tmp_path):
+def test_no_fault_attempt_one_is_the_command_alone(name, tmp_path_factory):
     """Without a fault, ``oomguard run -- CMD`` runs CMD exactly as CMD runs alone:
     (i) attempt 1's argv is the command byte for byte (one attempt, succeeded);
     (ii) the final ``training_args.bin`` equals the alone run's, every field (the policy's
@@ -299,9 +327,9 @@ def test_no_fault_attempt_one_is_the_command_alone(name, alone, tmp_path):
          nowhere else — no ``<run-dir>/checkpoints``; run.json's checkpoint_dir is that dir;
     (v) run.json ``requested`` is what the child ran, read from the child's own files (and no
         ``max_seq_length`` for a plain-TrainingArguments child whose length is not in argv)."""
-    style, plain = alone(name)
-    run_dir = tmp_path / "run"
-    run = run_wrapped(style, run_dir, POLICY)
+    _, plain = shared_alone(tmp_path_factory, name)
+    style, run_dir = shared_wrapped(tmp_path_factory, name)
+    run = json.loads((run_dir / "run.json").read_text())
     wrapped = read_result(style, run_dir)
 
     # (i)
@@ -331,7 +359,7 @@ def test_no_fault_attempt_one_is_the_command_alone(name, alone, tmp_path):
 
 
 @pytest.mark.parametrize("name", STYLES)
-def test_injected_oom_halves_the_batch_the_child_really_has(name, alone, fresh_style, tmp_path):
+def test_injected_oom_halves_the_batch_the_child_really_has(name, tmp_path_factory):
     """``--inject cuda_oom@step=3`` raises a genuine torch OOM in step 3 (after checkpoint-2). The
     policy's first two cuda_oom rungs (a knob no child has; bf16, which the CPU lacks) must be passed
     over without spending an attempt, so the run is exactly 2 attempts and attempt 2 halves the batch:
@@ -342,10 +370,9 @@ def test_injected_oom_halves_the_batch_the_child_really_has(name, alone, fresh_s
       global_step == max_steps and every step 1..max_steps logged exactly once;
     - argparse: batch and accumulation are flags it owns (--micro_batch_size, --grad_accum), so attempt
       2's argv is attempt 1's with exactly those two values edited in place, nothing appended."""
-    _, plain = alone(name)
-    style = fresh_style(name)
-    run_dir = tmp_path / "run"
-    run = run_wrapped(style, run_dir, OOM_POLICY, inject="cuda_oom@step=3")
+    _, plain = shared_alone(tmp_path_factory, name)
+    style, run_dir = shared_oom(tmp_path_factory, name)
+    run = json.loads((run_dir / "run.json").read_text())
 
     assert run["status"] == "succeeded"
     assert len(run["attempts"]) == 2, [(a["rung"], a["failure"]) for a in run["attempts"]]
