@@ -78,26 +78,29 @@ def test_a_failing_sitecustomize_is_reported_and_the_child_still_runs(tmp_path):
     assert "Error in sitecustomize" in out.stderr and "broken user site" in out.stderr
 
 
+# one child (one import of peft, ~6 s on 2 cores): first a checkpoint's config of rank 6 loaded (argv[2], written
+# by the test: the first LoraConfig of the process is a loaded one), then a config it builds, saved and loaded back
 LORA_PROBE = """
 import json, sys
 from peft import LoraConfig, PeftConfig
+checkpoint = LoraConfig.from_pretrained(sys.argv[2]).r
 built = LoraConfig(r=8, lora_alpha=16)
 built.save_pretrained(sys.argv[1])
-print(json.dumps({"built": [built.r, built.lora_alpha], "loaded": PeftConfig.from_pretrained(sys.argv[1]).r}))
+print(json.dumps({"built": [built.r, built.lora_alpha], "loaded": PeftConfig.from_pretrained(sys.argv[1]).r,
+                  "checkpoint": checkpoint}))
 """
 
 
 def test_lora_knobs_reach_built_configs_but_not_loaded_ones(tmp_path):
-    saved = tmp_path / "adapter"
+    saved, checkpoint = tmp_path / "adapter", tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 6, "lora_alpha": 12}))
     env = _env(PYTHONPATH=str(SITE_DIR), OOMGUARD_RUN_DIR=str(tmp_path), OOMGUARD_KNOBS='{"lora_r": 4, "lora_alpha": 8}')
-    out = subprocess.run([sys.executable, "-c", LORA_PROBE, str(saved)], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", LORA_PROBE, str(saved), str(checkpoint)], env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"built": [4, 8], "loaded": 4}
-    (saved / "adapter_config.json").write_text(
-        (saved / "adapter_config.json").read_text().replace('"r": 4', '"r": 6'))
-    load = "import sys; from peft import LoraConfig; print(LoraConfig.from_pretrained(sys.argv[1]).r)"
-    loaded = subprocess.run([sys.executable, "-c", load, str(saved)], env=env, capture_output=True, text=True)
-    assert loaded.stdout.strip().splitlines()[-1] == "6"  # a checkpoint's config describes its weights: kept
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {k: result[k] for k in ("built", "loaded")} == {"built": [4, 8], "loaded": 4}
+    assert result["checkpoint"] == 6  # a checkpoint's config describes its weights: kept
     event = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "bootstrap_lora"]
     assert [(e["r"], e["via"]) for e in event] == [({"old": 8, "new": 4}, "in_process")]
