@@ -14,8 +14,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREAD
 # keeps this variable for the runs the tests start)
 export OOMGUARD_WARM_SPARE="${OOMGUARD_WARM_SPARE:-0}"
 set +e
-# two workers (CI has 2 cores); a file's tests stay on one worker; the 30 slowest are listed (for LONGEST_FIRST)
-.venv/bin/python -m pytest -q -n "${OOMGUARD_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"
+# two workers (CI has 2 cores); a file's tests stay on one worker; the 30 slowest are listed (for LONGEST_FIRST).
+# --no-loadscope-reorder: the files are handed out in the order tests/integration/conftest.py sorts them (the
+# longest first); by default xdist reorders them by their number of tests, which put a long file of few tests last
+.venv/bin/python -m pytest -q -n "${OOMGUARD_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=30 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

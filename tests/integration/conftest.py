@@ -36,19 +36,34 @@ def data_dir(tmp_path_factory) -> Path:
 
 # The longest test files first (measured, `--durations`): with `-n 2 --dist loadfile` a file runs on one
 # worker, and a long file started last is the run's tail. Longest first shortens the wall time; the order
-# of everything else is pytest's own. (This hook sees the whole session's items, whichever conftest holds it.)
-LONGEST_FIRST = ("integration/test_wrap_matrix.py", "integration/test_nodes.py", "integration/test_reliability.py",
-                 "compat/test_compat_trl.py", "integration/test_slurm_sbatch.py", "integration/test_culprit_batches.py",
-                 "integration/test_stop_agreement.py",
-                 "integration/test_wrap_commands.py", "integration/test_resume_wrapped.py",
-                 "integration/test_lr_in_force.py", "integration/test_distributed.py", "integration/test_nan_skip.py",
-                 "integration/test_resume_integrity.py", "integration/test_spare_training.py",
-                 "integration/test_grow_back.py", "integration/test_free_rungs.py")
+# of everything else is pytest's own, then LAST. (This hook sees the whole session's items, whichever conftest
+# holds it; scripts/test.sh passes --no-loadscope-reorder, without which xdist would hand out the files by their
+# number of tests instead.) The runs several files read (tests/integration/_shared.py) are made once, by whichever
+# file asks first; a reader that asks while the other worker makes it waits (slower, never wrong). So the files
+# that only read come LAST, and test_wrap_commands.py (~70 s of runs of its own besides the two it reads:
+# test_wrap_matrix.py's trl_flags OOM run, test_spare_training.py's warm run) starts a few minutes in.
+LONGEST_FIRST = ("integration/test_wrap_matrix.py", "integration/test_reliability.py", "integration/test_nodes.py",
+                 "integration/test_grow_back.py", "integration/test_slurm_sbatch.py",
+                 "integration/test_resume_integrity.py", "integration/test_wrap_commands.py",
+                 "integration/test_guard_training.py",
+                 "integration/test_distributed.py", "integration/test_resume_effective_batch.py",
+                 "integration/test_lr_in_force.py", "integration/test_culprit_batches.py",
+                 "integration/test_spare_training.py", "integration/test_demo.py",
+                 "integration/test_catalogue_runs.py", "integration/test_spare_launcher.py",
+                 "integration/test_resume_wrapped_packed.py", "integration/test_wrap_site.py",
+                 "integration/test_resume_samples.py", "integration/test_light_install.py",
+                 "integration/test_resume_packed.py", "integration/test_recipe_sft.py",
+                 "integration/test_slurm_signals.py", "integration/test_nan_skip.py", "integration/test_free_rungs.py",
+                 "integration/test_resume_precision.py", "integration/test_probe.py")
+# readers only: test_resume_wrapped.py (the matrix's trl_flags runs), test_report_html.py (test_demo.py's demo run)
+LAST = ("integration/test_resume_wrapped.py", "integration/test_report_html.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
     def rank(item) -> int:
         path = Path(str(item.fspath)).as_posix()
+        if any(path.endswith(tail) for tail in LAST):
+            return len(LONGEST_FIRST) + 1 + next(i for i, tail in enumerate(LAST) if path.endswith(tail))
         return next((i for i, tail in enumerate(LONGEST_FIRST) if path.endswith(tail)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: within a file and among the rest, collection order
