@@ -14,7 +14,6 @@ import enum
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 from .env import ENV_STRICT_EVENTS
@@ -347,4 +346,4 @@ def emit_event(run_dir: str | os.PathLike[str], event: str, **fields: Any) -> No
         if os.environ.get(ENV_STRICT_EVENTS) == "1":
             raise ValueError(f"{ENV_STRICT_EVENTS}=1: " + "; ".join(problems))
         log.debug("oomguard: event off the catalogue: %s", "; ".join(problems))
-    append_jsonl(Path(run_dir) / EVENTS_JSONL, record)
+    append_jsonl(os.path.join(run_dir, EVENTS_JSONL), record)  # every step: a str join, not a Path

@@ -61,8 +61,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 
 
 def touch(path: str | os.PathLike[str]) -> None:
-    p = Path(path)
     try:
-        os.utime(p)
+        os.utime(path)  # the heartbeat, every step: no Path object on the way
     except FileNotFoundError:
-        p.touch()
+        Path(path).touch()

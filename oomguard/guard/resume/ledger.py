@@ -114,13 +114,16 @@ def read_orders(path: str | Path) -> dict[int, tuple[int, ...]]:
 
 
 def append_step(path: Path, entry: StepSamples) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = {"step": entry.step, "attempt": entry.attempt, "epoch": entry.epoch, "samples": compress(entry.samples)}
     if entry.tokens:
         line["tokens"] = list(entry.tokens)
     if entry.skipped:
         line["skipped"] = compress(entry.skipped)
-    protocol.append_jsonl(path, line)
+    try:
+        protocol.append_jsonl(path, line)
+    except FileNotFoundError:  # the run's first line (or its folder was removed): make the folder, once
+        path.parent.mkdir(parents=True, exist_ok=True)
+        protocol.append_jsonl(path, line)
 
 
 def read_ledger(path: str | Path) -> list[StepSamples]:
