@@ -495,7 +495,7 @@ def device_nan_check(bench) -> dict:
         same = len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))
         out[name] = {"skipped": guard.skipped - skipped_before, "grads": len(before), "grads_bit_for_bit": same,
                      "verdict_ready_right_after_hand_over": ready_at_once}
-    out["slots_reused"] = len(guard._slots)
+    out["slots_reused"] = len(getattr(guard, "_slots", {}))  # session 8 code had none
     model.zero_grad(set_to_none=True)
     return out
 

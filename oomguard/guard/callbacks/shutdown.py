@@ -57,11 +57,14 @@ GROW_REASON = "the supervisor asked to save and stop here to grow the batch back
 
 def grow_requested(run_dir: Path | None, attempt: int | None) -> bool:
     """Whether ``<run_dir>/grow_request.json`` asks ``attempt`` to stop (a stale one names an earlier attempt)."""
-    path = run_dir / protocol.GROW_REQUEST_JSON if run_dir is not None and attempt is not None else None
-    if path is None or not path.exists():
+    if run_dir is None or attempt is None:
+        return False
+    path = os.path.join(run_dir, protocol.GROW_REQUEST_JSON)  # every step: one stat, no Path object
+    if not os.path.exists(path):
         return False
     try:
-        return json.loads(path.read_text()).get("attempt") == attempt
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.read()).get("attempt") == attempt
     except (OSError, ValueError, AttributeError):
         return False  # torn or foreign: the supervisor writes it atomically, so it is not ours
 
