@@ -137,7 +137,7 @@ def _release(pre: dict[str, Any]) -> None:
 
 def _reap(pid: int) -> None:
     try:
-        os.waitpid(pid, os.WNOHANG)
+        os.waitpid(pid, 0)
     except OSError:
         pass
 
@@ -184,7 +184,7 @@ def _send_orders(fd: int, orders: Mapping[str, Any]) -> None:
 
 
 def _patch(module: Any) -> None:
-    """accelerate's launch module gets a ``subprocess`` of its own whose ``Popen`` forks when it may;
+    """accelerate's launch module gets a ``subprocess`` of its own whose ``Popen`` uses the pre-worker when it may;
     the rest of its code (the wait, the return code, ``CalledProcessError``) runs unchanged."""
     real = getattr(module, "subprocess", None)
     if real is None or isinstance(real, _Subprocess):
@@ -211,8 +211,8 @@ _DEFAULTS = {"executable": None, "preexec_fn": None, "cwd": None, "shell": False
 
 
 class ForkPopen(subprocess.Popen):
-    """``Popen`` whose child is a fork of this (warm) process that becomes the worker, where
-    :func:`why_not` allows; everything else about the object (wait, poll, signals) is Popen's."""
+    """``Popen`` whose child is the pre-forked worker, told to become the worker, where :func:`why_not`
+    allows; everything else about the object (wait, poll, signals) is Popen's."""
 
     def _execute_child(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         call = _EXECUTE.bind(self, *args, **kwargs).arguments
@@ -223,11 +223,12 @@ class ForkPopen(subprocess.Popen):
             try:
                 _send_orders(pre["fd"], {"cmd": list(call["args"]), "env": dict(call["env"]), "cwd": os.getcwd()})
                 pid = pre["pid"]
-            except OSError as exc:
-                why = f"the pre-forked worker is gone ({exc})"
-                _reap(pre["pid"])
+            except (OSError, TypeError, ValueError) as exc:  # gone, or orders JSON cannot carry (bytes in env)
+                why = f"the pre-forked worker could not take the worker ({type(exc).__name__}: {exc})"
             finally:
                 os.close(pre["fd"])
+            if pid is None:
+                _reap(pre["pid"])  # the pipe is closed: it exits at once if it has not already
         _journal("fork" if why is None else "exec", why)
         if pid is None:
             return super()._execute_child(*args, **kwargs)  # type: ignore[misc]
