@@ -208,6 +208,8 @@ def run_cost(args) -> None:
 
 
 def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
+    import bench_overhead
+
     from oomguard.guard import GuardEnv, guard_callbacks
     from oomguard.guard.resume.ledger import install_ledger
 
@@ -223,17 +225,9 @@ def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
     nan = {name: next(cb for cb in cbs if hasattr(cb, "observe_loss")) for name, cbs in sets.items()}
     raw_step = trainer.training_step
     inner_s: list[float] = []  # the step itself, inside the ledger's wrapper (new's steps)
-
-    def timed_step(*a, **k):
-        started = time.perf_counter()
-        try:
-            return raw_step(*a, **k)
-        finally:
-            inner_s.append(time.perf_counter() - started)
-
     # the sample ledger as prepare_resume installs it (its training_step wrapper, the culprit's in-flight
     # record, one ledger line per step): in "new" only; its sampler wrapper records every row in all three
-    trainer.training_step = timed_step
+    trainer.training_step = bench_overhead._timed(raw_step, inner_s)
     ledger = install_ledger(trainer, env["new"].run_dir)
     ledger_step = trainer.training_step
     handler = trainer.callback_handler
@@ -255,8 +249,9 @@ def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
             marker = gpu_marker()
             started = time.perf_counter()
             nan[clock.config].observe_loss(loss)
-            clock.add_host(time.perf_counter() - started)
-            handed[clock.config].append(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            clock.add_host(took)
+            handed[clock.config].append(took)
             if marker is not None:  # the GPU still had the backward to run: the hand-over cost no GPU time
                 busy_after[clock.config].append(not marker.query())
         return loss
@@ -265,12 +260,11 @@ def measure_steps(bench, schedule: list[str], tmp: Path) -> dict:
     started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - started
-    cycles = clock.cycles()
+    cycles, host = clock.cycles(), clock.per_step_host()
     result = {"train_s": train_s, "steps_done": trainer.state.global_step, "cycles": cycles,
-              "cpu": clock.cycles(clock.cpu_begins), "gc": clock.cycles(clock.gc_begins),
-              "guard_host": clock.per_step_host(),
+              "cpu": clock.cycles(clock.cpu_begins), "gc": clock.cycles(clock.gc_begins), "guard_host": host,
               "summary": summarize(cycles, clock.blocks(len(WARMUP))),
-              "host_summary": summarize_host(clock.per_step_host(), cycles),
+              "host_summary": summarize_host(host, cycles),
               "jitter": jitter(clock),
               "events_ms": gate_costs(gates),
               "observe_loss_ms": {k: statistics.median(v) * 1e3 for k, v in handed.items() if v},
@@ -347,10 +341,10 @@ class Clock:
 def jitter(clock: Clock) -> dict:
     """Where the step-to-step spread is: wall cycle vs the main thread's CPU time vs the collector's time,
     and the correlation of neighbouring cycles (drift) — all configurations pooled."""
-    first = len(WARMUP)
-    wall = [b - a for a, b in zip(clock.begins[first:], clock.begins[first + 1:])]
-    cpu = [b - a for a, b in zip(clock.cpu_begins[first:], clock.cpu_begins[first + 1:])]
-    gcs = [b - a for a, b in zip(clock.gc_begins[first:], clock.gc_begins[first + 1:])]
+    def steps(marks):  # each measured step's share of a running mark, configurations pooled
+        return [b - a for a, b in zip(marks[len(WARMUP):], marks[len(WARMUP) + 1:])]
+
+    wall, cpu, gcs = steps(clock.begins), steps(clock.cpu_begins), steps(clock.gc_begins)
     if len(wall) < 4:
         return {}
 

@@ -13,7 +13,28 @@ environment, cwd and log files; :mod:`.become` turns the process into that child
 orders: the run needs no spare any more, exit 0.
 """
 
+import os
+
 PLAN_KINDS = ("script", "module")
 EXIT_CUDA = 3  # the spare's exit code when an import initialised CUDA (the supervisor drops that module)
 
-__all__ = ["EXIT_CUDA", "PLAN_KINDS"]
+__all__ = ["EXIT_CUDA", "PLAN_KINDS", "read_all", "write_all"]
+
+
+def read_all(fd: int) -> bytes:
+    """Everything on pipe ``fd`` up to EOF (the orders' protocol: JSON, then the writer closes)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` onto pipe ``fd`` (raises OSError when the reader is gone)."""
+    while data:
+        data = data[os.write(fd, data):]

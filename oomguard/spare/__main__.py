@@ -8,27 +8,13 @@ import json
 import os
 import sys
 
-from oomguard.spare import EXIT_CUDA
+from oomguard.spare import EXIT_CUDA, read_all, write_all
 from oomguard.spare.become import Saved, become, path0, save_state
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except InterruptedError:
-            continue
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
 def _say_ready(fd: int, report: dict) -> None:
-    data = (json.dumps(report) + "\n").encode()
     try:
-        while data:
-            data = data[os.write(fd, data):]
+        write_all(fd, (json.dumps(report) + "\n").encode())
     finally:
         os.close(fd)
 
@@ -60,7 +46,7 @@ def main(argv: list) -> None:
         print(f"oomguard spare: importing {report['cuda']} initialised CUDA; a spare must not hold a CUDA "
               "context, exiting", file=sys.stderr)
         raise SystemExit(EXIT_CUDA)
-    raw = _read_all(orders_fd)
+    raw = read_all(orders_fd)
     os.close(orders_fd)
     if not raw.strip():
         raise SystemExit(0)  # the run needs no spare any more

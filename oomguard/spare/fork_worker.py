@@ -47,7 +47,6 @@ import inspect
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -55,12 +54,12 @@ import traceback
 import types
 from typing import Any, Mapping, Sequence
 
+from oomguard.spare import read_all, write_all
 from oomguard.spare.become import Saved, path0, restore_signals, run_code
 
 __all__ = ["RUNTIME_ENV", "ForkPopen", "arm", "armed", "why_not"]
 
 RUNTIME_ENV = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")  # and every ACCELERATE_*: read at run time
-_LENGTH = struct.Struct("!Q")  # the orders' length, then their JSON
 # saved: the spare's start state; pre: the pre-worker (pid, fd, what its imports saw); why: none and why
 _state: dict[str, Any] = {"saved": None, "pre": None, "why": None}
 
@@ -130,9 +129,9 @@ def _release(pre: dict[str, Any]) -> None:
     _state["pre"] = None
     try:
         os.close(pre["fd"])
-        os.waitpid(pre["pid"], 0)
     except OSError:
         pass
+    _reap(pre["pid"])
 
 
 def _reap(pid: int) -> None:
@@ -144,43 +143,18 @@ def _reap(pid: int) -> None:
 
 def _await_orders(fd: int) -> None:  # pragma: no cover - runs in the pre-worker
     try:
-        orders = _read_orders(fd)
+        raw = read_all(fd)  # the spare's orders protocol: JSON, then the launcher closes the pipe
         os.close(fd)
-    except BaseException:  # noqa: BLE001 - a signal or a broken pipe while idle: go quietly
+        orders = json.loads(raw) if raw.strip() else None
+    except BaseException:  # noqa: BLE001 - a signal, or orders cut short by a launcher that died: go quietly
         os._exit(0)
-    if orders is None:  # the launcher closed the pipe: no worker to be
+    if orders is None:  # the pipe closed without orders: no worker to be
         os._exit(0)
     try:
         os.chdir(orders["cwd"])
     except OSError:
         pass
     _be_worker(list(orders["cmd"]), dict(orders["env"]))
-
-
-def _read_exact(fd: int, n: int) -> bytes | None:
-    chunks, left = [], n
-    while left:
-        chunk = os.read(fd, left)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_orders(fd: int) -> dict[str, Any] | None:
-    head = _read_exact(fd, _LENGTH.size)
-    if head is None:
-        return None
-    body = _read_exact(fd, _LENGTH.unpack(head)[0])
-    return None if body is None else json.loads(body)
-
-
-def _send_orders(fd: int, orders: Mapping[str, Any]) -> None:
-    body = json.dumps(orders).encode()
-    data = _LENGTH.pack(len(body)) + body
-    while data:
-        data = data[os.write(fd, data):]
 
 
 def _patch(module: Any) -> None:
@@ -221,7 +195,8 @@ class ForkPopen(subprocess.Popen):
         if why is None:
             pre, _state["pre"] = _state["pre"], None
             try:
-                _send_orders(pre["fd"], {"cmd": list(call["args"]), "env": dict(call["env"]), "cwd": os.getcwd()})
+                write_all(pre["fd"], json.dumps({"cmd": list(call["args"]), "env": dict(call["env"]),
+                                                 "cwd": os.getcwd()}).encode())
                 pid = pre["pid"]
             except (OSError, TypeError, ValueError) as exc:  # gone, or orders JSON cannot carry (bytes in env)
                 why = f"the pre-forked worker could not take the worker ({type(exc).__name__}: {exc})"

@@ -48,6 +48,7 @@ import psutil
 
 from ..bootstrap.injection import LAUNCHER_NAMES
 from ..protocol import ENV_ATTEMPT, ENV_RUN_DIR, Event, emit_event
+from ..spare import write_all  # stdlib only
 from ..spare.cuda_view import library_mapped  # stdlib only
 from ..spare.preload import stdlib_only  # stdlib only: the spare's own rule for "nothing to preload"
 from .launch import LauncherKind, classify_launcher, is_python
@@ -275,10 +276,8 @@ class Spare:
             if data:
                 with path.open("ab") as f:
                     f.write(data)
-        data = json.dumps(dict(orders)).encode()
         try:
-            while data:
-                data = data[os.write(self.orders_w, data):]
+            write_all(self.orders_w, json.dumps(dict(orders)).encode())
         except OSError:
             return False
         finally:
