@@ -23,16 +23,18 @@ class EventWriter:
     def __init__(self, run_dir: str | Path | None, rank: int = 0):
         self.run_dir = Path(run_dir) if run_dir else None
         self.rank = rank
+        # kept open: a step's event costs no path lookup (protocol.Appender)
+        self._file = protocol.Appender(self.run_dir / protocol.EVENTS_JSONL) if self.run_dir else None
 
     @property
     def active(self) -> bool:
         return self.run_dir is not None
 
     def emit(self, event: str, **fields: Any) -> None:
-        if self.run_dir is None:
+        if self._file is None:
             return
         try:
-            protocol.emit_event(self.run_dir, event, rank=self.rank, **fields)
+            self._file.append(protocol.event_record(event, rank=self.rank, **fields))
         except OSError as exc:
             # A full disk must not kill training; the supervisor still has exit code and stderr.
             log.warning("oomguard: could not write event %r to %s: %s", event, self.run_dir, exc)

@@ -108,6 +108,23 @@ def test_emit_event_adds_the_source_and_is_strict_only_when_asked(tmp_path, monk
     assert len(list(p.read_jsonl(tmp_path / p.EVENTS_JSONL))) == 2  # a refused line is not written
 
 
+def test_a_shape_checked_once_is_not_checked_again_but_another_shape_is(monkeypatch):
+    """event_record remembers the clean shapes (names, value types, source) it checked: the per-step event
+    skips the check, and a line of the same event with a value of another type is still refused."""
+    monkeypatch.setenv(p.ENV_STRICT_EVENTS, "1")
+    calls = []
+    real = p.events.check_event
+    monkeypatch.setattr(p.events, "check_event", lambda obj: calls.append(obj["event"]) or real(obj))
+    fields = dict(rank=0, max_steps=None, epoch=0.5, attempt=1)
+    for step in (11, 12, 13):
+        assert p.event_record("step", step=step, **fields)["step"] == step
+    assert len(calls) <= 1  # once (or never, where an earlier test checked this shape)
+    with pytest.raises(ValueError, match="field 'step' is str"):
+        p.event_record("step", step="14", **fields)
+    with pytest.raises(ValueError, match="source 'supervisor'"):
+        p.event_record("step", step=15, source="supervisor", **fields)
+
+
 def test_payload_spec_refuses_an_unknown_type():
     with pytest.raises(ValueError, match="unknown type"):
         p.Payload.parse("step:integer")

@@ -1,6 +1,7 @@
 """The heartbeat callback's per-step events: one ``step`` per optimizer step, one ``trainer_log`` per log."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import torch
@@ -64,3 +65,28 @@ def test_checkpoint_saved_on_each_regular_save_rank0_only(tmp_path):
     [event] = read_events(run_dir)
     assert (event["event"], event["step"], event["path"], event["rank"]) == \
         ("checkpoint_saved", 4, str(out / "checkpoint-4"), 0)
+
+
+def test_the_heartbeat_moves_at_most_every_beat_every_s_and_at_train_begin_always(tmp_path, monkeypatch):
+    import oomguard.guard.callbacks.heartbeat as hb
+
+    clock = [1000.0]
+    monkeypatch.setattr(hb.time, "monotonic", lambda: clock[0])
+    cb = HeartbeatCallback(tmp_path)
+    path = heartbeat_path(tmp_path, 0)
+
+    def moved(do) -> bool:
+        if path.exists():
+            os.utime(path, (1.0, 1.0))
+        do()
+        return path.exists() and path.stat().st_mtime > 1.0
+
+    state = SimpleNamespace(global_step=1, max_steps=10, epoch=0.1)
+    assert moved(lambda: cb.on_train_begin(None, state, TrainerControl()))
+    clock[0] += hb.BEAT_EVERY_S / 2
+    assert not moved(lambda: cb.on_step_end(None, state, TrainerControl()))  # the step event is still written
+    assert moved(lambda: cb.on_train_begin(None, state, TrainerControl()))  # forced
+    clock[0] += hb.BEAT_EVERY_S / 2
+    clock[0] += hb.BEAT_EVERY_S
+    assert moved(lambda: cb.on_substep_end(None, state, TrainerControl()))
+    assert len([e for e in read_events(tmp_path) if e["event"] == protocol.EVENT_STEP]) == 1

@@ -203,3 +203,64 @@ def test_a_hand_over_that_fails_falls_back_to_the_synchronous_check(monkeypatch)
     with pytest.raises(NonFiniteLossError):
         guard.on_pre_optimizer_step(None, state(0), None, model=model)
     assert guard.checks == 0  # judged by the synchronous check
+
+
+def test_the_hand_over_keeps_one_flag_reads_a_loss_it_does_not_write_and_resets_after_a_skip():
+    """No new tensor per step: one slot per device, its flag raised by a non-finite loss even where the
+    gradients are finite, set back after that verdict; the loss the Trainer keeps is not written to."""
+    model, opt = trained_pair()
+    guard = begun(NanGuardCallback(skip_steps=3), opt, step=0)
+    verdicts = []
+    for step, poison in enumerate((None, math.nan, None, math.inf, None)):
+        micro_batch(model)  # finite gradients
+        loss = torch.tensor(1.5 if poison is None else poison)
+        version = loss._version
+        guard.observe_loss(loss)
+        assert loss._version == version
+        [slot] = guard._slots.values()
+        flag = slot.found
+        guard.on_pre_optimizer_step(None, state(step), None, model=model)
+        verdicts.append(guard.skipped)
+        assert slot.found is flag and slot.found.item() == 0.0
+        opt.zero_grad()
+    assert verdicts == [0, 1, 1, 2, 2] and guard.checks == 5 and guard.last_finite_step == 5
+
+
+def test_a_loss_in_another_dtype_than_the_gradients_is_checked_in_its_own():
+    model, opt = trained_pair()
+    guard = begun(NanGuardCallback(skip_steps=1), opt, step=0)
+    micro_batch(model)
+    guard.observe_loss(torch.tensor(math.nan, dtype=torch.float64))
+    guard.on_pre_optimizer_step(None, state(0), None, model=model)
+    assert guard.skipped == 1
+    micro_batch(model)
+    guard.observe_loss(torch.tensor(1e300, dtype=torch.float64))  # finite in float64 (not in float32)
+    guard.on_pre_optimizer_step(None, state(0), None, model=model)
+    assert guard.skipped == 1 and guard.last_finite_step == 1
+
+
+def test_gradients_the_fused_kernel_cannot_take_are_still_judged_in_the_hand_over(monkeypatch):
+    """Where the GradScaler's kernel refuses a tensor type, the hand-over queues the max-abs norms instead."""
+    import oomguard.guard.callbacks.nan as nan
+
+    real = nan.raise_non_finite
+    refused = []
+
+    def picky(tensors, found):
+        if len(tensors) > 1:  # the gradients' group (the loss copy alone passes)
+            refused.append(len(tensors))
+            raise NotImplementedError("no kernel for this tensor type")
+        real(tensors, found)
+
+    monkeypatch.setattr(nan, "raise_non_finite", picky)
+    model, opt = trained_pair()
+    guard = begun(NanGuardCallback(skip_steps=1), opt, step=0)
+    micro_batch(model)
+    guard.observe_loss(torch.tensor(2.0))
+    guard.on_pre_optimizer_step(None, state(0), None, model=model)
+    opt.zero_grad()
+    micro_batch(model, math.nan)
+    guard.observe_loss(torch.tensor(2.0))  # a finite loss, NaN gradients
+    guard.on_pre_optimizer_step(None, state(1), None, model=model)
+    assert refused and guard.handover_failed is None and guard.checks == 2
+    assert guard.skipped == 1 and guard.last_finite_step == 1

@@ -1,6 +1,7 @@
 """The stdlib contract: sizes, fault specs, records, torn journal lines."""
 
 import json
+import os
 
 import pytest
 
@@ -45,3 +46,45 @@ def test_jsonl_reader_skips_torn_line(tmp_path):
     p.append_jsonl(path, {"c": 3})
     assert list(p.read_jsonl(path)) == [{"a": 1}, {"c": 3}]
     assert json.loads(path.read_text().splitlines()[-1]) == {"c": 3}
+
+
+def test_a_kept_open_appender_writes_what_append_jsonl_writes_and_follows_the_file(tmp_path):
+    """The per-step writer keeps its file open (no path lookup per line) and still ends a torn line, and a
+    file removed or replaced under it is written afresh at its path."""
+    path = tmp_path / "events.jsonl"
+    out = p.Appender(path)
+    out.append({"a": 1})
+    fd = out.fd
+    out.append({"b": 2})  # its own last line: no torn-line read needed
+    with path.open("a") as f:
+        f.write('{"x": 0, "torn')  # another writer killed mid-line
+    out.append({"c": 3})
+    assert out.fd == fd and list(p.read_jsonl(path)) == [{"a": 1}, {"b": 2}, {"c": 3}]
+    path.unlink()
+    out.append({"d": 4})
+    assert list(p.read_jsonl(path)) == [{"d": 4}]
+    replaced = tmp_path / "new.jsonl"
+    replaced.write_text('{"e": 5}\n')
+    os.replace(replaced, path)  # renamed over: the old inode has no link left
+    out.append({"f": 6})
+    assert list(p.read_jsonl(path)) == [{"e": 5}, {"f": 6}]
+    os.close(out.fd)  # closed behind its back (and the number maybe reused): reopened by path
+    taken = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+    out.append({"g": 7})
+    assert [e for e in p.read_jsonl(path)][-1] == {"g": 7} and (tmp_path / "other").read_bytes() == b""
+    os.close(taken)
+    out.close()
+    with pytest.raises(FileNotFoundError):
+        p.Appender(tmp_path / "gone" / "events.jsonl").append({"h": 8})
+
+
+def test_a_kept_open_beat_moves_the_mtime_and_recreates_a_removed_file(tmp_path):
+    path = tmp_path / "heartbeat"
+    beat = p.Beat(path)
+    beat.touch()
+    os.utime(path, (1.0, 1.0))
+    beat.touch()
+    assert path.stat().st_mtime > 1e9
+    path.unlink()
+    beat.touch()
+    assert path.exists()

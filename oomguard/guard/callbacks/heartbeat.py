@@ -3,12 +3,15 @@ journal one ``step`` event per completed optimizer step, one ``trainer_log`` eve
 one ``checkpoint_saved`` event per regular checkpoint.
 
 The events are the measured progress the supervisor and the report read (issue 14): each is one
-``O_APPEND`` line, cheap next to an optimizer step.
+``O_APPEND`` line to a file kept open, cheap next to an optimizer step. The heartbeat moves at most every
+``BEAT_EVERY_S`` (the supervisor's hang timeout is seconds to minutes; a step of tens of milliseconds
+need not touch the file each time, issue 17).
 """
 
 from __future__ import annotations
 
 import numbers
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +23,7 @@ from oomguard.guard.writer import EventWriter
 
 __all__ = ["HeartbeatCallback", "heartbeat_path", "numeric_logs"]
 
+BEAT_EVERY_S = 0.5  # seconds: the heartbeat's resolution (the policy's hang_timeout_s is far longer)
 _OWN_PREFIX = "oomguard/"  # the guard's own metrics, added to the same logs dict by its other callbacks
 
 
@@ -47,18 +51,24 @@ def numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
 class HeartbeatCallback(TrainerCallback):
     def __init__(self, run_dir: str | Path | None = None, *, rank: int = 0, attempt: int = 1):
         self.path = heartbeat_path(run_dir, rank) if run_dir else None
+        self._beat = protocol.Beat(self.path) if self.path is not None else None  # kept open: no path lookup
+        self._beaten = -BEAT_EVERY_S  # time.monotonic() of the last beat
         self.events = EventWriter(run_dir, rank)
         self.attempt = attempt
 
-    def beat(self) -> None:
-        if self.path is not None:
-            try:
-                protocol.touch(self.path)
-            except OSError:
-                pass  # a missed beat is better than a dead run; the supervisor waits hang_timeout
+    def beat(self, *, now: bool = False) -> None:
+        """Move the heartbeat, unless it moved less than BEAT_EVERY_S ago (``now``: whatever the time)."""
+        t = time.monotonic()
+        if self._beat is None or (not now and t - self._beaten < BEAT_EVERY_S):
+            return
+        self._beaten = t
+        try:
+            self._beat.touch()
+        except OSError:
+            pass  # a missed beat is better than a dead run; the supervisor waits hang_timeout
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.beat()
+        self.beat(now=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.beat()

@@ -7,9 +7,9 @@ Cheap on the step's critical path (issue 17 item 3). The check used to read ever
 back to the host right before ``optimizer.step()``: a device sync and a Python op per LoRA tensor,
 7.8 ms of a 0.55 s step (8B QLoRA, H200). Now ``guarded_train``'s ``training_step`` wrapper hands
 each micro-batch's loss to :meth:`NanGuardCallback.observe_loss`, which queues one fused non-finite
-check (the GradScaler's kernel) over the optimizer's gradients and the step's losses and a
-non-blocking copy of the one-byte verdict into pinned host memory behind a CUDA event (2.1 ms of host
-time there, no sync); ``on_pre_optimizer_step`` reads the byte (0.08 ms; docs/BENCHMARKS.md).
+check (the GradScaler's kernel) over the optimizer's gradients and a copy of the step's loss into a flag
+kept on the device, and a non-blocking copy of the flag into pinned host memory behind a CUDA event
+(four launches, no sync, no new tensor); ``on_pre_optimizer_step`` reads it (docs/BENCHMARKS.md).
 
 The update is still judged before it is applied: detection is 0 steps late, and the skip, the stop and
 ``last_finite_step`` are what they were. The read waits for nothing new: the Trainer has already
@@ -32,7 +32,7 @@ from oomguard.guard import trainer_patches as internals
 from oomguard.guard.writer import EventWriter
 
 __all__ = ["all_finite", "drop_grads", "every", "finite_flag", "NanGuardCallback", "non_finite_found",
-           "NonFiniteLossError", "PendingVerdict", "trainable_grads"]
+           "NonFiniteLossError", "PendingVerdict", "raise_non_finite", "slot_of", "trainable_grads"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,22 +70,37 @@ def finite_flag(grads: list[torch.Tensor], losses: Iterable[torch.Tensor] = ()) 
 
 
 def non_finite_found(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 1-element float tensor, 1.0 if any element of ``tensors`` (one device and dtype) is NaN or inf.
+    """A 1-element float tensor, 1.0 if any element of ``tensors`` (one device and dtype) is NaN or inf."""
+    found = torch.zeros(1, dtype=torch.float32, device=tensors[0].device)
+    raise_non_finite(tensors, found)
+    return found
+
+
+def raise_non_finite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
+    """Queue ``found`` (float32, one element) := 1.0 where any element of ``tensors`` (``found``'s device, one
+    dtype) is NaN or inf; a finite list leaves it as it was.
 
     ``torch._amp_foreach_non_finite_check_and_unscale_`` (what ``torch.amp.GradScaler`` runs on every
     fp16 step) with an ``inv_scale`` of exactly 1.0: the kernel writes ``x`` back unchanged (it skips
     the multiply for 1.0), in a few launches for the whole list and no Python object per tensor.
     """
-    device = tensors[0].device
-    found = torch.zeros(1, dtype=torch.float32, device=device)
+    device = found.device
     one = _ONES.get(device)
     if one is None:  # read only by the kernel: one per device for the process
         one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
-    return found
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _raise_group(group: list[torch.Tensor], found: torch.Tensor) -> None:
+    """:func:`raise_non_finite`, or where its kernel cannot take the tensors the max-abs norms (still queued)."""
+    try:
+        raise_non_finite(group, found)
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):  # a dtype or tensor type it lacks
+        finite = torch.stack(list(internals.inf_norms(group))).isfinite().all()
+        found.add_((~finite).to(found.dtype))  # a failure here fails the hand-over: checked at once from then
 
 
 def _group_finite(group: list[torch.Tensor]) -> torch.Tensor:
@@ -112,35 +127,79 @@ def all_finite(grads: list[torch.Tensor], loss: torch.Tensor | None = None) -> b
     return True if flag is None else bool(flag)
 
 
+class _Slot:
+    """One device's verdict state, kept for the guard's life: ``found`` (1.0 once a non-finite value was
+    seen; set back to 0 only after a verdict read it), a copy of the step's loss in its own dtype (so the
+    loss joins the gradients' kernel without being written to), and on CUDA a pinned host copy of
+    ``found`` behind an event."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.found = torch.zeros(1, dtype=torch.float32, device=device)
+        self.losses: dict[torch.dtype, torch.Tensor] = {}
+        if device.type == "cuda":
+            self.host, self.event = torch.zeros(1, dtype=torch.float32, pin_memory=True), torch.cuda.Event()
+        else:  # CPU: ``found`` is already on the host
+            self.host, self.event = self.found, None
+
+    def loss_copy(self, loss: torch.Tensor) -> torch.Tensor:
+        buf = self.losses.get(loss.dtype)
+        if buf is None:
+            buf = self.losses[loss.dtype] = torch.empty(1, dtype=loss.dtype, device=self.device)
+        return buf.copy_(loss)
+
+    def publish(self) -> None:
+        if self.event is not None:  # both queued behind the kernels, on the device's current stream
+            self.host.copy_(self.found, non_blocking=True)
+            self.event.record(torch.cuda.current_stream(self.device))
+
+    def reset(self) -> None:
+        self.found.zero_()  # queued before the next step's kernels
+
+
+def slot_of(slots: dict[Any, _Slot], device: torch.device) -> _Slot:
+    slot = slots.get(device)
+    if slot is None:
+        slot = slots[device] = _Slot(device)
+    return slot
+
+
 class PendingVerdict:
-    """A verdict queued on the device; on CUDA copied into pinned host memory behind an event.
+    """A step's verdict queued on the device(s), read by :meth:`finite` before the update.
 
-    ``slots`` (device -> (pinned byte, event)) lets one guard reuse its byte and event every step: the
-    copy and the record are queued on the stream in order, so a verdict read after its event holds
-    that verdict, and a newer one (the next micro-batch's) replaces the older in the same byte."""
+    ``tensors`` (the gradients and a one-element view of the step's loss) are checked by one fused
+    kernel per device and dtype into the ``slots``' persistent ``found`` flags: no new tensor per step,
+    and across a step's micro-batches the flag only rises (non-finite is absorbing), so the verdict read
+    after the last micro-batch covers them all. Copies and events are queued in stream order: a verdict
+    read after its event holds what was queued before it."""
 
-    def __init__(self, flag: torch.Tensor, slots: dict[Any, tuple[torch.Tensor, Any]] | None = None):
-        if flag.is_cuda:
-            slot = slots.get(flag.device) if slots is not None else None
-            if slot is None:
-                slot = (torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event())
-                if slots is not None:
-                    slots[flag.device] = slot
-            self.host, self.event = slot
-            with torch.cuda.device(flag.device):
-                self.host.copy_(flag, non_blocking=True)
-                self.event.record()  # on the stream that queued the copy
-        else:  # CPU: already computed
-            self.host, self.event = flag, None
+    def __init__(self, tensors: list[torch.Tensor], slots: dict[Any, _Slot]):
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        used: dict[torch.device, _Slot] = {}
+        for (device, _), group in groups.items():
+            used[device] = slot = slot_of(slots, device)
+            _raise_group(group, slot.found)
+        for slot in used.values():
+            slot.publish()
+        self.slots = list(used.values())
 
     def ready(self) -> bool:
         """True when reading it waits for nothing."""
-        return self.event is None or bool(self.event.query())
+        return all(s.event is None or s.event.query() for s in self.slots)
 
     def finite(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()  # waits only for the work queued before it
-        return bool(self.host)
+        """The verdict; a non-finite one sets its flags back to 0 for the next step."""
+        raised = []
+        for s in self.slots:
+            if s.event is not None:
+                s.event.synchronize()  # waits only for the work queued before it
+            if s.host.item() != 0.0:
+                raised.append(s)
+        for s in raised:
+            s.reset()
+        return not raised
 
 
 def drop_grads(params: Iterable[torch.nn.Parameter]) -> None:
@@ -161,10 +220,9 @@ class NanGuardCallback(TrainerCallback):
         self.fp16 = False
         self.optimizer: Any = None
         self.pending: PendingVerdict | None = None  # this step's verdict, queued by observe_loss
-        self._losses: torch.Tensor | None = None  # this step's micro-batch losses finite so far (device)
         self.ready_at_check = self.checks = 0  # how often the queued verdict was there when read
         self.handover_failed: str | None = None  # why the verdict is no longer queued (then: checked at once)
-        self._slots: dict[Any, tuple[torch.Tensor, Any]] = {}  # PendingVerdict's pinned byte and event
+        self._slots: dict[Any, _Slot] = {}  # per device: PendingVerdict's flag, loss copy, pinned copy, event
 
     # -- the hand-over from training_step (guarded_train's wrapper) -------------------------------
     def observe_loss(self, loss: torch.Tensor | None) -> None:
@@ -172,19 +230,17 @@ class NanGuardCallback(TrainerCallback):
         if not isinstance(loss, torch.Tensor):
             return
         self.last_loss = loss = loss.detach()
-        if self.handover_failed is not None:
-            return
+        if self.handover_failed is not None or not (self.fp16 or self.optimizer is not None):
+            return  # without the optimizer (or after a failed hand-over) the step is checked at once
         try:
+            tensors = [] if self.fp16 else (self._optimizer_grads() or [])
             flat = loss.reshape(-1)
-            if flat.numel():  # its first element, as the Trainer logs it; one kernel
-                ok = flat[0].isfinite()
-                self._losses = ok if self._losses is None else self._losses & ok
-            grads = None if self.fp16 else self._optimizer_grads()
-            flag = every([finite_flag(grads) if grads else None, self._losses])
-            self.pending = PendingVerdict(flag, self._slots) if flag is not None else None
+            if flat.numel():  # its first element, as the Trainer logs it, copied: the loss is not written to
+                tensors.append(slot_of(self._slots, flat.device).loss_copy(flat[:1]))
+            self.pending = PendingVerdict(tensors, self._slots) if tensors else None
         except Exception as exc:  # noqa: BLE001 - a gradient type the fused check cannot take (sharded, …):
             self.handover_failed = f"{type(exc).__name__}: {exc}"  # every later step checks synchronously
-            self.pending = self._losses = None
+            self.pending = None
 
     def _optimizer_grads(self) -> list[torch.Tensor] | None:
         """The gradients of what the optimizer will update; None before the optimizer is known."""
@@ -200,6 +256,8 @@ class NanGuardCallback(TrainerCallback):
         self.fp16 = bool(getattr(args, "fp16", False))
         self.optimizer = optimizer
         self._reset()
+        for slot in self._slots.values():
+            slot.reset()  # a verdict an earlier train() queued and never read
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -233,4 +291,4 @@ class NanGuardCallback(TrainerCallback):
         return all_finite(trainable_grads(model.parameters()), loss)
 
     def _reset(self) -> None:
-        self.pending, self._losses, self.last_loss = None, None, None
+        self.pending, self.last_loss = None, None

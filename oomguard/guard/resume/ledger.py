@@ -113,17 +113,19 @@ def read_orders(path: str | Path) -> dict[int, tuple[int, ...]]:
     return {e: order for e, (_, order) in newest.items()}
 
 
-def append_step(path: Path, entry: StepSamples) -> None:
+def append_step(to: str | Path | protocol.Appender, entry: StepSamples) -> None:
+    """One step's line, to a ledger file (by path) or to one kept open (the callback's, every step)."""
     line = {"step": entry.step, "attempt": entry.attempt, "epoch": entry.epoch, "samples": compress(entry.samples)}
     if entry.tokens:
         line["tokens"] = list(entry.tokens)
     if entry.skipped:
         line["skipped"] = compress(entry.skipped)
+    out = to if isinstance(to, protocol.Appender) else protocol.Appender(to)
     try:
-        protocol.append_jsonl(path, line)
+        out.append(line)
     except FileNotFoundError:  # the run's first line (or its folder was removed): make the folder, once
-        path.parent.mkdir(parents=True, exist_ok=True)
-        protocol.append_jsonl(path, line)
+        Path(out.path).parent.mkdir(parents=True, exist_ok=True)
+        out.append(line)
 
 
 def read_ledger(path: str | Path) -> list[StepSamples]:
@@ -214,6 +216,7 @@ class SampleLedgerCallback(TrainerCallback):
 
     def __init__(self, run_dir: str | Path, *, rank: int = 0, attempt: int = 1):
         self.path = ledger_file(run_dir, rank)
+        self._file = protocol.Appender(self.path)  # one line per step, kept open
         self.orders_path = order_file(run_dir, rank)
         self.attempt = attempt
         self.stream: list[int] = []  # indices in the order the sampler handed them out
@@ -281,7 +284,7 @@ class SampleLedgerCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         tokens, skipped = self.culprit.step_ended(state.global_step) if self.culprit else ((), ())
-        append_step(self.path, StepSamples(state.global_step, self.attempt, self.epoch, tuple(self.pending),
+        append_step(self._file, StepSamples(state.global_step, self.attempt, self.epoch, tuple(self.pending),
                                            tokens, skipped))
         self.pending = []
 
