@@ -5,7 +5,10 @@
 #          launcher?), then the guard's per-step cost on the 8B (bench_guard, the ledger in).
 # PHASE=2: wrapped `trl sft` cold vs warm again (the worker pre-forked before the launcher's code), then the
 #          guard's per-step cost on the tiny model (many steps).
-# PHASE=3: the guard's per-step cost on the tiny model and on the 8B after the hand-over and clearer mends.
+# PHASE=3: the guard's per-step cost on the tiny model and on the 8B after the hand-over and clearer mends
+#          (session 10: the four-launch hand-over, files kept open, the heartbeat every 0.5 s).
+# PHASE=4: wrapped `trl sft` cold vs warm on the 8B shape again, on accelerate 1.16 (its launcher tees the worker's
+#          stderr through a pipe; carry its wheel: EXTRA="accelerate==1.16.0" ../shared/gpu/prepare-wheels.sh).
 # GPU clocks and power are sampled every 200 ms during the guard runs (smi-*.csv), and the host's load.
 set -u
 OUT=${OUT:?set OUT}; PHASE=${PHASE:-1}
@@ -13,7 +16,7 @@ MODEL=${BENCH_MODEL:-/tmp/llama3-8b-random}; TINY=${BENCH_TINY:-/tmp/bench-tiny}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
-{ nproc; uptime; ps -eo pcpu,rss,comm --sort=-pcpu | head -8; } > "$OUT/host.txt" 2>&1
+{ nproc; uptime; df -T /tmp; python3 -c "import accelerate, trl; print('accelerate', accelerate.__version__, 'trl', trl.__version__)"; ps -eo pcpu,rss,comm --sort=-pcpu | head -8; } > "$OUT/host.txt" 2>&1
 
 smi() { nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
           --format=csv,noheader -lms 200 > "$OUT/smi-$1.csv" 2>&1 & echo $!; }
@@ -49,4 +52,8 @@ elif [ "$PHASE" = 3 ]; then
     guard tiny 200 --model "$TINY" --arch tiny --steps 800
     python3 scripts/bench_common.py --out "$MODEL" >> "$OUT/build.log" 2>&1
     guard 8b 240 --model "$MODEL" --arch 8b --steps 70
+elif [ "$PHASE" = 4 ]; then
+    restart
 fi
+# what comes back is a few files: the side files go in one archive
+(cd "$OUT" && tar czf aux.tgz --remove-files smi-*.csv build.log host.txt gpu.csv 2>/dev/null)

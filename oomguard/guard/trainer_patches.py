@@ -31,7 +31,7 @@ __all__ = ["FLOOR", "INNER_TRAINING_LOOP", "INTERNALS", "Internal", "SAVE_CHECKP
 # The range the test suite exercises every internal below in (CI: the current stack and an older pinned one,
 # tests/compat; GPU: transformers 5.17). (low, high) by major.minor, both ends tested.
 TESTED_RANGE = {"transformers": ("4.57", "5.24"), "trl": ("0.24", "1.16"), "peft": ("0.17", "0.21"),
-                "accelerate": ("1.11", "1.15"), "datasets": ("4.0", "5.2"), "torch": ("2.11", "2.13")}
+                "accelerate": ("1.11", "1.16"), "datasets": ("4.0", "5.2"), "torch": ("2.11", "2.13")}
 # Below these the guard still installs but says the run is unsupported (checked by hand once, issue 16:
 # transformers 4.46 / trl 0.12 / peft 0.13 / accelerate 1.0 / datasets 3.1 on torch 2.13).
 FLOOR = {"transformers": "4.46", "trl": "0.12", "peft": "0.13", "accelerate": "1.0"}

@@ -2,7 +2,8 @@
 
 ``accelerate launch train.py`` and ``trl sft …`` (which calls accelerate's launcher) run their one
 worker as ``subprocess.Popen([sys.executable, script, *args], env=…)`` from
-``accelerate.commands.launch.simple_launcher``, and wait for it. When the launcher itself is a warm
+``accelerate.commands.launch.simple_launcher`` (accelerate >= 1.16: ``psutil.Popen(…, stderr=PIPE)``,
+whose stderr the launcher tees), and wait for it. When the launcher itself is a warm
 spare (it already holds torch, transformers, peft, trl…), the worker can start with those imports done:
 
 - **The pre-forked worker.** :func:`arm` runs as the spare becomes the launcher, before any launcher
@@ -12,8 +13,8 @@ spare (it already holds torch, transformers, peft, trl…), the worker can start
   which initialises CUDA through accelerate's ``PartialState``: a fork *at the launch* would copy a
   driver the child cannot use), no launcher threads, none of the launcher's module state. The fork
   is made only where the spare is single-threaded in Python and nothing has called ``cuInit``.
-- **At the launch** accelerate's launch module gets a ``subprocess`` whose ``Popen`` (:class:`ForkPopen`)
-  hands the worker's command, environment and working directory to the pre-worker, which becomes
+- **At the launch** accelerate's launch module gets a ``subprocess`` and a ``psutil`` whose ``Popen``
+  (:class:`ForkPopen`) hands the worker's command, environment and working directory to the pre-worker, which becomes
   ``python script args`` the way :mod:`.become` turns the spare into a child; its pid is the Popen's.
   It is the launcher's own child, so the launcher's code around it (``wait``, the return code,
   ``CalledProcessError``, its traceback) runs as written. Where :func:`why_not` finds the hand-over
@@ -21,7 +22,9 @@ spare (it already holds torch, transformers, peft, trl…), the worker can start
   either way (``worker_start``). The conditions:
 
   - the command is ``[sys.executable, script | -m module, …]``, the interpreter had no options, the
-    ``Popen`` sets nothing but the command and ``env`` (no pipes, cwd, session, fds);
+    ``Popen`` sets nothing but the command, ``env`` and a piped stderr (no other pipe or redirection, no
+    cwd, session, fds); the pre-worker holds the write end of a pipe made at the fork, which becomes its
+    stderr, and Popen reads the other end through the descriptor it made for it;
   - the worker's environment differs from the one the pre-worker's imports saw only in what the
     launcher sets and nothing reads at import (:data:`RUNTIME_ENV`: ``ACCELERATE_*``,
     ``MASTER_ADDR``/``PORT``, and ``OMP_NUM_THREADS``, which the worker re-applies with
@@ -111,15 +114,26 @@ def _fork_pre_worker() -> dict[str, Any]:
 
     _flush(open_writable_files())  # nothing buffered at the fork: no line written twice
     read_fd, write_fd = os.pipe()
+    err_read, err_write = os.pipe()  # the worker's stderr where the launcher reads it (accelerate >= 1.16)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the pre-worker: becomes the worker or exits, never returns
         os.close(write_fd)
-        _await_orders(read_fd)
+        os.close(err_read)
+        _await_orders(read_fd, err_write)
     os.close(read_fd)
-    pre = {"pid": pid, "fd": write_fd, "environ": dict(os.environ), "stdio": _stdio(),
+    os.close(err_write)
+    pre = {"pid": pid, "fd": write_fd, "err": err_read, "environ": dict(os.environ), "stdio": _stdio(),
            "kmp_unread": library_mapped((b"libiomp",)) is False}  # KMP_* (accelerate --cpu): Intel OpenMP's
     atexit.register(_release, pre)
     return pre
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _release(pre: dict[str, Any]) -> None:
@@ -127,10 +141,7 @@ def _release(pre: dict[str, Any]) -> None:
     if _state["pre"] is not pre:
         return
     _state["pre"] = None
-    try:
-        os.close(pre["fd"])
-    except OSError:
-        pass
+    _close(pre["fd"], pre["err"])
     _reap(pre["pid"])
 
 
@@ -141,7 +152,7 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _await_orders(fd: int) -> None:  # pragma: no cover - runs in the pre-worker
+def _await_orders(fd: int, err_write: int) -> None:  # pragma: no cover - runs in the pre-worker
     try:
         raw = read_all(fd)  # the spare's orders protocol: JSON, then the launcher closes the pipe
         os.close(fd)
@@ -150,6 +161,9 @@ def _await_orders(fd: int) -> None:  # pragma: no cover - runs in the pre-worker
         os._exit(0)
     if orders is None:  # the pipe closed without orders: no worker to be
         os._exit(0)
+    if orders.get("stderr_pipe"):
+        os.dup2(err_write, 2)  # Popen(stderr=PIPE): the launcher reads (and tees) it
+    os.close(err_write)
     try:
         os.chdir(orders["cwd"])
     except OSError:
@@ -158,24 +172,50 @@ def _await_orders(fd: int) -> None:  # pragma: no cover - runs in the pre-worker
 
 
 def _patch(module: Any) -> None:
-    """accelerate's launch module gets a ``subprocess`` of its own whose ``Popen`` uses the pre-worker when it may;
-    the rest of its code (the wait, the return code, ``CalledProcessError``) runs unchanged."""
+    """accelerate's launch module gets a ``subprocess`` (accelerate <= 1.15: ``subprocess.Popen``) and a
+    ``psutil`` (>= 1.16: ``psutil.Popen(cmd, env=…, stderr=PIPE)``) of its own whose ``Popen`` uses the
+    pre-worker when it may; the rest of its code (the wait, the stderr tee, the return code,
+    ``CalledProcessError``, the process-tree kill on SIGTERM) runs unchanged."""
     real = getattr(module, "subprocess", None)
-    if real is None or isinstance(real, _Subprocess):
-        return
-    module.subprocess = _Subprocess(real)
+    if real is not None and not isinstance(real, _Shim):
+        module.subprocess = _Shim(real, ForkPopen)
+    real = getattr(module, "psutil", None)
+    if real is not None and not isinstance(real, _Shim):
+        module.psutil = _Shim(real, _psutil_popen(real))
 
 
-class _Subprocess(types.ModuleType):
-    """``subprocess`` as accelerate's launch module sees it: the same module but for :class:`ForkPopen`."""
+class _Shim(types.ModuleType):
+    """A module as accelerate's launch module sees it: the same module but for its ``Popen``."""
 
-    def __init__(self, real: types.ModuleType):
+    def __init__(self, real: types.ModuleType, popen: Any):
         super().__init__(real.__name__, real.__doc__)
         self._real = real
-        self.Popen = ForkPopen
+        self.Popen = popen
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
+
+
+def _psutil_popen(psutil: types.ModuleType) -> Any:
+    """``psutil.Popen`` whose ``subprocess.Popen`` is :class:`ForkPopen`. psutil's ``Popen.__init__`` is two
+    lines (``self.__subproc = subprocess.Popen(…)``, ``self._init(pid, _ignore_nsp=True)``); where it is not
+    that any more, the real one runs and the worker starts as the launcher asked, journaled."""
+    real = psutil.Popen
+    names = getattr(getattr(real.__init__, "__code__", None), "co_names", ())
+    if not ("_Popen__subproc" in names and "_init" in names and hasattr(real, "_init")):
+        def popen(*args: Any, **kwargs: Any) -> Any:
+            _journal("exec", f"psutil {getattr(psutil, '__version__', '?')}'s Popen is not the one a fork can "
+                             "stand in for")
+            return real(*args, **kwargs)
+        return popen
+
+    class ForkPsutilPopen(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):  # noqa: D107 - psutil's own two lines, with ForkPopen
+            self._Popen__subproc = ForkPopen(*args, **kwargs)
+            self._init(self._Popen__subproc.pid, _ignore_nsp=True)
+
+    ForkPsutilPopen.__name__ = ForkPsutilPopen.__qualname__ = "Popen"
+    return ForkPsutilPopen
 
 
 _EXECUTE = inspect.signature(subprocess.Popen._execute_child)  # type: ignore[attr-defined]
@@ -194,14 +234,19 @@ class ForkPopen(subprocess.Popen):
         pid = None
         if why is None:
             pre, _state["pre"] = _state["pre"], None
+            piped = call.get("errread", -1) != -1  # stderr=PIPE: Popen made a pipe and reads errread
             try:
                 write_all(pre["fd"], json.dumps({"cmd": list(call["args"]), "env": dict(call["env"]),
-                                                 "cwd": os.getcwd()}).encode())
+                                                 "cwd": os.getcwd(), "stderr_pipe": piped}).encode())
                 pid = pre["pid"]
             except (OSError, TypeError, ValueError) as exc:  # gone, or orders JSON cannot carry (bytes in env)
                 why = f"the pre-forked worker could not take the worker ({type(exc).__name__}: {exc})"
             finally:
                 os.close(pre["fd"])
+            if pid is not None and piped:
+                os.dup2(pre["err"], call["errread"], inheritable=False)  # Popen reads the worker's stderr there
+                _close(call["errwrite"])  # Popen's child end, which its _execute_child would close
+            _close(pre["err"])
             if pid is None:
                 _reap(pre["pid"])  # the pipe is closed: it exits at once if it has not already
         _journal("fork" if why is None else "exec", why)
@@ -209,7 +254,7 @@ class ForkPopen(subprocess.Popen):
             return super()._execute_child(*args, **kwargs)  # type: ignore[misc]
         self.pid = pid
         self._child_created = True
-        self._closed_child_pipe_fds = True  # there were none: what _execute_child says when it is done
+        self._closed_child_pipe_fds = True  # the child's ends are closed: what _execute_child says when done
         return None
 
 
@@ -218,8 +263,10 @@ def _call_problem(call: Mapping[str, Any]) -> str | None:
     if not isinstance(call.get("args"), (list, tuple)) or call.get("env") is None:
         return "the worker is not started as Popen(list, env=...)"
     for name, default in _DEFAULTS.items():
+        if name == "errwrite" and call.get("errread", -1) != -1:
+            continue  # stderr=PIPE (accelerate >= 1.16 tees it): the pre-worker has a pipe for it
         if name in call and call[name] != default and not (name == "process_group" and call[name] is None):
-            return f"the worker's Popen sets {name} (a fork repeats only Popen(cmd, env=...))"
+            return f"the worker's Popen sets {name} (a fork repeats only Popen(cmd, env=..., stderr=PIPE))"
     if call.get("pass_fds"):
         return "the worker's Popen passes file descriptors"
     return None

@@ -70,9 +70,12 @@ def test_a_worker_started_another_way_is_not_forked(tmp_path):
     warm, seen, err, started = _run(tmp_path, argv, warm=True)
     assert started["start"] == "warm", started
     forks = _worker_starts(tmp_path / "warm")
-    assert [f["start"] for f in forks] == ["exec"] and "CUDA_VISIBLE_DEVICES" in forks[0]["reason"], forks
-    assert warm.exit_code == 0 and seen["env"]["CUDA_VISIBLE_DEVICES"] == "0", err
-    assert not _spares_alive(tmp_path), "the unused pre-forked worker outlived its launcher"
+    assert warm.exit_code == 0, err
+    if seen["env"].get("CUDA_VISIBLE_DEVICES") == "0":  # accelerate <= 1.15 sets it for --gpu_ids even on CPU
+        assert [f["start"] for f in forks] == ["exec"] and "CUDA_VISIBLE_DEVICES" in forks[0]["reason"], forks
+        assert not _spares_alive(tmp_path), "the unused pre-forked worker outlived its launcher"
+    else:  # >= 1.16 sets no variable for a CPU-only torch: nothing read at import changed, so it forks
+        assert "CUDA_VISIBLE_DEVICES" not in seen["env"] and [f["start"] for f in forks] == ["fork"], forks
 
 
 def _spares_alive(tmp: Path) -> list[str]:
