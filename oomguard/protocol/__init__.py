@@ -6,7 +6,7 @@ Both sides import this package. One submodule per concept:
 - ``layout``: run-directory file names and the one per-rank file-name scheme (``rank_file``);
 - ``records``: the failure vocabulary, the child's ``ErrorRecord``, injected ``Fault`` specs;
 - ``events``: the event catalogue (every name in ``events.jsonl`` with its payload) and ``emit_event``;
-- ``io``: atomic JSON write, append-one-line, torn-line-tolerant read;
+- ``io``: atomic JSON write, append-one-line (and its kept-open form for per-step lines), torn-line-tolerant read;
 - ``text``: sizes (``24GiB``) and the messages that mean a GPU OOM;
 - ``secrets``: redaction of secret values in command lines;
 - ``device``: what a device can do (bf16 from compute capability 8.0);

@@ -154,6 +154,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 
 def touch(path: str | os.PathLike[str]) -> None:
     try:
-        os.utime(path)  # the heartbeat, every step: no Path object on the way
+        os.utime(path)  # one-off touches (the probe, the fake child); the guard's per-step beat is Beat
     except FileNotFoundError:
         Path(path).touch()
