@@ -7,7 +7,8 @@ split — trained as ``factor`` smaller chunks with the same rows and the same g
 power of two that brings its chunks to a size that fit before (at least twice the factor that already failed
 at that step); when even one row per chunk failed, or
 nothing fit at these knobs, or the micro-batch cannot be split (one row: packed rows at batch 1; padding-free
-rows), or ``limits.max_split_steps`` steps are split already, the cuda_oom ladder applies.
+rows), or ``limits.max_split_steps`` steps are split already, or the ``CONSECUTIVE_SPLITS`` steps right
+before the failing one were split (the long rows are not rare any more), the cuda_oom ladder applies.
 
 A non-finite loss is the batch's when it comes back at the same optimizer step with the same rows after
 a rollback: the rows of the micro-batches whose loss was non-finite (all of the step's when that is not
@@ -25,8 +26,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from oomguard.policy.records import AttemptView, CulpritOrder, DataProfile, InFlight, InFlightBatch
 from oomguard.protocol import KNOB_BATCH, KNOB_GRAD_ACCUM, KNOB_MAX_SEQ_LENGTH
 
-__all__ = ["Verdict", "carried_order", "expand_runs", "fitted_at", "in_flight_from_line", "judge_nan",
-           "judge_oom", "padded_share", "same_grouping", "same_memory", "split_factor"]
+__all__ = ["CONSECUTIVE_SPLITS", "Verdict", "carried_order", "expand_runs", "fitted_at", "in_flight_from_line",
+           "judge_nan", "judge_oom", "padded_share", "same_grouping", "same_memory", "split_factor"]
+
+
+# A culprit is rare: when the steps right before the failing one all had to be split (data sorted or grouped by
+# length, long rows from some point on), the next OOM goes to the ladder instead of one restart per step.
+CONSECUTIVE_SPLITS = 2
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,10 @@ def judge_oom(attempts: Sequence[AttemptView], profile: DataProfile | None = Non
     if flight.step not in split and len(split) >= max_split_steps:
         return Verdict(False, f"{words}, but {len(split)} steps are split already (limits.max_split_steps "
                               f"{max_split_steps}): the batches, not one batch, are too big")
+    run = [s for s in range(flight.step - CONSECUTIVE_SPLITS, flight.step) if s in split]
+    if flight.step not in split and len(run) == CONSECUTIVE_SPLITS:
+        return Verdict(False, f"{words}, but the {CONSECUTIVE_SPLITS} steps right before it ({run[0]}-{run[-1]}) "
+                              "had to be split too: the batches, not one batch, are too big")
     previous = _previous_factor(attempts, flight.step)
     factor = split_factor(failed.tokens, largest, len(failed.rows), previous)
     if factor is None:

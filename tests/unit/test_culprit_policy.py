@@ -208,3 +208,17 @@ def test_a_culprit_is_rare_past_max_split_steps_the_ladder_applies():
     d = decide(policy(max_split_steps=2), Evidence([last], CKPTS))
     assert d.knobs["per_device_train_batch_size"] == 2 and "2 steps are split already" in d.reason
     assert decide(policy(max_split_steps=3), Evidence([last], CKPTS)).culprit.split == ((2, 2), (3, 2), (7, 4))
+
+
+def test_a_culprit_right_after_a_run_of_split_steps_goes_to_the_ladder():
+    """Long rows from some point on (data sorted by length): after steps 5 and 6 were split, step 7's OOM is the
+    batches', not one batch's; a gap in the run (step 4 split, 5 not) leaves the split as it was."""
+    run = CulpritOrder(split=((5, 2), (6, 2)))
+    last = attempt(3, OOM, oom_flight(7, 64), (16, 16), culprit=run, resumed=6)
+    d = decide(policy(), Evidence([last], CKPTS))
+    assert d.culprit is None  # the batch rung's smaller micro-batches replace the splits
+    assert d.knobs["per_device_train_batch_size"] == 2 and "steps right before it (5-6)" in d.reason
+    gap = attempt(3, OOM, oom_flight(7, 64), (16, 16), culprit=CulpritOrder(split=((4, 2), (6, 2))), resumed=6)
+    assert decide(policy(), Evidence([gap], CKPTS)).culprit.split == ((4, 2), (6, 2), (7, 4))
+    again = attempt(3, OOM, oom_flight(6, 64, factor=2), (16, 16), culprit=run, resumed=5)
+    assert judge_oom([again]).culprit  # the split step itself, again: a larger factor, not the ladder
