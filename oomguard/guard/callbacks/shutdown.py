@@ -166,7 +166,9 @@ class ShutdownCallback(TrainerCallback):
         if self.supervisor_pid is None or now - self._checked < CHECK_EVERY_S:
             return False
         self._checked = now
-        return not process_alive(self.supervisor_pid)
+        if os.getppid() == self.supervisor_pid:  # our parent: alive (an exited parent's children are re-parented)
+            return False
+        return not process_alive(self.supervisor_pid)  # a launcher between us: kill(0) and /proc
 
     # -- trainer events ---------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
