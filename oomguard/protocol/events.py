@@ -347,7 +347,7 @@ def event_record(event: str, **fields: Any) -> dict[str, Any]:
         record.setdefault("source", spec.source.value)
     # check_event's verdict depends on the names, the value types and the source only: a shape found clean
     # once is clean again (the child writes a step event per optimizer step; issue 17)
-    shape = (name, record["source"] if "source" in record else None, tuple(record), tuple(map(type, record.values())))
+    shape = (name, record.get("source"), tuple(record), tuple(map(type, record.values())))
     if shape in _CLEAN_SHAPES:
         return record
     problems = check_event(record)

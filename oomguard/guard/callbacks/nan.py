@@ -31,8 +31,9 @@ from transformers import TrainerCallback
 from oomguard.guard import trainer_patches as internals
 from oomguard.guard.writer import EventWriter
 
-__all__ = ["all_finite", "drop_grads", "every", "finite_flag", "NanGuardCallback", "non_finite_found",
-           "NonFiniteLossError", "PendingVerdict", "raise_non_finite", "slot_of", "trainable_grads"]
+__all__ = ["all_finite", "by_device_and_dtype", "drop_grads", "every", "finite_flag", "NanGuardCallback",
+           "non_finite_found", "NonFiniteLossError", "PendingVerdict", "raise_group", "raise_non_finite", "slot_of",
+           "trainable_grads"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,18 +62,24 @@ def finite_flag(grads: list[torch.Tensor], losses: Iterable[torch.Tensor] = ()) 
     (:func:`non_finite_found`), which leaves the values as they are, or the max-abs norms where it
     cannot run. Neither can overflow (a 2-norm of a large-but-finite gradient can).
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for g in grads:
-        g = g.to_dense() if g.is_sparse else g
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    flags = [_group_finite(group) for group in groups.values()]
+    groups = by_device_and_dtype(g.to_dense() if g.is_sparse else g for g in grads)
+    flags = [non_finite_found(group)[0] == 0 for group in groups.values()]
     return every([*flags, *(loss.detach().reshape(-1)[:1].isfinite().all() for loss in losses)])
 
 
+def by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """The tensors grouped as one fused kernel takes them: one device and one dtype a group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
 def non_finite_found(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A 1-element float tensor, 1.0 if any element of ``tensors`` (one device and dtype) is NaN or inf."""
+    """A 1-element float tensor, 1.0 if any element of ``tensors`` (one device and dtype) is NaN or inf
+    (:func:`raise_group` into a new flag)."""
     found = torch.zeros(1, dtype=torch.float32, device=tensors[0].device)
-    raise_non_finite(tensors, found)
+    raise_group(tensors, found)
     return found
 
 
@@ -94,20 +101,14 @@ def raise_non_finite(tensors: list[torch.Tensor], found: torch.Tensor) -> None:
 _ONES: dict[torch.device, torch.Tensor] = {}
 
 
-def _raise_group(group: list[torch.Tensor], found: torch.Tensor) -> None:
-    """:func:`raise_non_finite`, or where its kernel cannot take the tensors the max-abs norms (still queued)."""
+def raise_group(group: list[torch.Tensor], found: torch.Tensor) -> None:
+    """:func:`raise_non_finite`, or where its kernel cannot take the tensors the max-abs norms (still queued;
+    they cannot overflow either, where a 2-norm of a large-but-finite gradient can)."""
     try:
         raise_non_finite(group, found)
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):  # a dtype or tensor type it lacks
         finite = torch.stack(list(internals.inf_norms(group))).isfinite().all()
         found.add_((~finite).to(found.dtype))  # a failure here fails the hand-over: checked at once from then
-
-
-def _group_finite(group: list[torch.Tensor]) -> torch.Tensor:
-    try:
-        return non_finite_found(group)[0] == 0
-    except (RuntimeError, TypeError, NotImplementedError, AttributeError):  # a dtype or tensor type it lacks
-        return torch.stack(list(internals.inf_norms(group))).isfinite().all()
 
 
 def every(flags: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -174,13 +175,10 @@ class PendingVerdict:
     read after its event holds what was queued before it."""
 
     def __init__(self, tensors: list[torch.Tensor], slots: dict[Any, _Slot]):
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for t in tensors:
-            groups.setdefault((t.device, t.dtype), []).append(t)
         used: dict[torch.device, _Slot] = {}
-        for (device, _), group in groups.items():
+        for (device, _), group in by_device_and_dtype(tensors).items():
             used[device] = slot = slot_of(slots, device)
-            _raise_group(group, slot.found)
+            raise_group(group, slot.found)
         for slot in used.values():
             slot.publish()
         self.slots = list(used.values())
